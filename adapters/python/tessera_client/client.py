@@ -1,0 +1,571 @@
+"""The connection to tesserad.
+
+One background thread per :class:`Client` reads frames and routes each message by its ``id``
+to the queue of the request waiting for it (job events go to the submit's queue). Requests are
+written under a lock, so a client can be shared by several threads. Nothing blocks without a
+bound unless the caller asks for it (``timeout=None`` on job waits); user callbacks run only in
+the caller's thread, never in the reader thread.
+"""
+
+import collections
+import itertools
+import os
+import queue
+import socket as _socket
+import threading
+import time
+from typing import Any, Callable, Deque, Dict, Iterator, List, Optional, Tuple
+
+from . import messages
+from .buffer import Buffer, Layer
+from .errors import TesseraError
+from .frame import encode_frame, read_frame
+from .paths import log_path, read_token, socket_path, start_daemon, token_path
+
+#: How long autostart waits for a freshly started daemon to accept connections.
+AUTOSTART_WAIT = 15.0
+
+def _restart_hint():
+    # type: () -> str
+    return ("reconnect to start tesserad again, then resubmit; if it keeps happening, see its "
+            "log at %s" % log_path())
+
+
+def _deadline(timeout):
+    # type: (Optional[float]) -> Optional[float]
+    return None if timeout is None else time.monotonic() + timeout
+
+
+def parse_hostport(tcp):
+    # type: (str) -> Tuple[str, int]
+    """``"HOST:PORT"`` (also ``"tcp:HOST:PORT"`` and ``"[::1]:PORT"``) as (host, port)."""
+    spec = tcp[4:] if tcp.startswith("tcp:") else tcp
+    host, sep, port = spec.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ValueError("expected HOST:PORT, not %r" % (tcp,))
+    host = host.strip("[]") or "127.0.0.1"
+    return host, int(port)
+
+
+def _connect_unix(path, timeout):
+    # type: (str, Optional[float]) -> _socket.socket
+    family = getattr(_socket, "AF_UNIX", None)
+    if family is None:
+        raise TesseraError(
+            "connect_failed", "this Python has no Unix sockets",
+            "start tesserad with --listen tcp:127.0.0.1:PORT and connect with tcp='127.0.0.1:PORT'")
+    sock = _socket.socket(family, _socket.SOCK_STREAM)
+    try:
+        sock.settimeout(timeout)
+        sock.connect(path)
+        sock.settimeout(None)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def _log_tail(lines=8):
+    # type: (int) -> str
+    try:
+        with open(log_path(), "rb") as f:
+            f.seek(0, os.SEEK_END)
+            size = f.tell()
+            f.seek(max(0, size - 4096))
+            text = f.read().decode("utf-8", "replace")
+    except OSError:
+        return ""
+    return "\n".join(text.strip().splitlines()[-lines:])
+
+
+def _autostart(path, pass_socket, timeout):
+    # type: (str, bool, Optional[float]) -> _socket.socket
+    proc = start_daemon(socket=path if pass_socket else None)
+    deadline = time.monotonic() + AUTOSTART_WAIT
+    delay = 0.02
+    exited = None  # type: Optional[int]
+    last = None  # type: Optional[OSError]
+    while True:
+        try:
+            return _connect_unix(path, timeout)
+        except _NOT_RUNNING as e:
+            last = e
+        except OSError as e:
+            raise TesseraError("connect_failed",
+                               "started tesserad but cannot connect to %s: %s" % (path, e),
+                               "see the daemon log at %s" % log_path())
+        if exited is None:
+            exited = proc.poll()
+            if exited is not None:
+                # Another client may have started a daemon first; give its socket a moment.
+                deadline = min(deadline, time.monotonic() + 1.0)
+        if time.monotonic() >= deadline:
+            if exited is not None:
+                what = "tesserad exited with status %s before accepting connections" % exited
+            else:
+                what = "tesserad did not accept connections on %s within %g s (%s)" % (
+                    path, AUTOSTART_WAIT, last)
+            tail = _log_tail()
+            if tail:
+                what += "; the end of its log:\n" + tail
+            raise TesseraError("daemon_failed", what, "see the daemon log at %s" % log_path())
+        time.sleep(delay)
+        delay = min(delay * 2, 0.25)
+
+
+class Client(object):
+    """A connection to tesserad. Make one with :meth:`connect`."""
+
+    def __init__(self, sock, timeout=30.0):
+        # type: (_socket.socket, Optional[float]) -> None
+        """Wraps a connected socket and starts the reader thread; no handshake (see
+        :meth:`handshake`). ``timeout`` is the default for requests (None: wait forever)."""
+        self.timeout = timeout
+        self.welcome = None  # type: Optional[Dict[str, Any]]
+        self._sock = sock
+        self._send_lock = threading.Lock()
+        self._lock = threading.Lock()
+        self._waiters = {}  # type: Dict[int, queue.Queue]
+        self._ids = itertools.count(1)
+        self._dead = None  # type: Optional[TesseraError]
+        self._last_conn_error = None  # type: Optional[TesseraError]
+        self._tcp = False
+        self._reader = threading.Thread(target=self._read_loop, name="tessera-client-reader")
+        self._reader.daemon = True
+        self._reader.start()
+
+    # -- connecting -------------------------------------------------------------------------
+
+    @classmethod
+    def connect(cls, socket=None, tcp=None, token=None, autostart=True,
+                client="tessera-python/0.1", timeout=30.0):
+        # type: (Optional[str], Optional[str], Optional[str], bool, str, Optional[float]) -> Client
+        """Connects, says hello and waits for ``welcome``.
+
+        ``socket``: Unix socket path (default :func:`socket_path`). ``tcp``: ``"HOST:PORT"``
+        instead; its token is ``token``, else ``$TESSERA_TOKEN``, else the token file. On the
+        Unix socket a token is sent only when given. ``autostart`` (Unix socket only): when
+        nothing listens, start ``tesserad`` (see :func:`find_daemon`) and wait up to 15 s.
+        """
+        if tcp:
+            try:
+                host, port = parse_hostport(tcp)
+                sock = _socket.create_connection((host, port), timeout)
+                sock.settimeout(None)
+            except (OSError, ValueError) as e:
+                raise TesseraError(
+                    "connect_failed", "cannot connect to tesserad at %s: %s" % (tcp, e),
+                    "start tesserad with --listen tcp:%s" % tcp)
+            if token is None:
+                token = read_token()
+        else:
+            path = socket or socket_path()
+            try:
+                sock = _connect_unix(path, timeout)
+            except _NOT_RUNNING as e:
+                if not autostart:
+                    raise TesseraError(
+                        "connect_failed",
+                        "tesserad is not running: cannot connect to %s (%s)" % (path, e.strerror),
+                        "start tesserad, or connect with autostart")
+                sock = _autostart(path, socket is not None, timeout)
+            except OSError as e:
+                raise TesseraError("connect_failed", "cannot connect to %s: %s" % (path, e),
+                                   "check that tesserad runs as your user")
+        c = cls(sock, timeout=timeout)
+        c._tcp = bool(tcp)
+        try:
+            c.handshake(client, token)
+        except BaseException:
+            c.close()
+            raise
+        return c
+
+    def handshake(self, client="tessera-python/0.1", token=None, timeout=None):
+        # type: (str, Optional[str], Optional[float]) -> Dict[str, Any]
+        """Sends ``hello`` and returns the ``welcome`` (also kept as :attr:`welcome`)."""
+        try:
+            ev = self._call(messages.hello, (client, token), "welcome", timeout)
+        except TesseraError as e:
+            if e.code == "unauthorized" and self._tcp:
+                e.hint = "%s (this client looked in $TESSERA_TOKEN and %s%s)" % (
+                    e.hint, token_path(), "" if token is None else "; a token was sent")
+            raise
+        self.welcome = ev
+        return ev
+
+    # -- properties of the daemon -----------------------------------------------------------
+
+    @property
+    def plugins(self):
+        # type: () -> List[Dict[str, Any]]
+        return list((self.welcome or {}).get("plugins", []))
+
+    @property
+    def limits(self):
+        # type: () -> Dict[str, Any]
+        return dict((self.welcome or {}).get("limits", {}))
+
+    @property
+    def closed(self):
+        # type: () -> bool
+        return self._dead is not None
+
+    # -- requests ---------------------------------------------------------------------------
+
+    def ping(self, timeout=None):
+        # type: (Optional[float]) -> Dict[str, Any]
+        """Round trip; returns the ``pong``."""
+        return self._call(messages.ping, (), "pong", timeout)
+
+    def list(self, timeout=None):
+        # type: (Optional[float]) -> Dict[str, Any]
+        """The ``listing``: plugins with their models, and workers."""
+        return self._call(messages.list_, (), "listing", timeout)
+
+    def alloc(self, width, height, channels, sample="f32", encoding="srgb", alpha=None,
+              stride=None, timeout=None):
+        # type: (int, int, int, str, str, Optional[bool], Optional[int], Optional[float]) -> Buffer
+        """Allocates a daemon buffer and maps it. ``alpha`` defaults to True for 2 or 4
+        channels; no ``stride`` means tightly packed rows."""
+        ev = self._call(messages.alloc, (width, height, channels, sample, encoding, alpha, stride),
+                        "allocated", timeout)
+        buf = messages.parse_buffer(ev)
+        try:
+            buf.map()
+        except TesseraError:
+            try:
+                self._call(messages.release, (buf.id,), "released", timeout)
+            except TesseraError:
+                pass
+            raise
+        return buf
+
+    def release(self, buf_or_id, timeout=None):
+        # type: (Any, Optional[float]) -> None
+        """Unmaps a :class:`Buffer` (or a :class:`Layer`'s buffer) here, then frees it in the
+        daemon. A buffer id or path string is only freed in the daemon."""
+        if isinstance(buf_or_id, Layer):
+            buf_or_id = buf_or_id.buffer
+        if isinstance(buf_or_id, Buffer):
+            buf_or_id.close()
+        self._call(messages.release, (buf_or_id,), "released", timeout)
+
+    def submit(self, model, scale, buf_or_id, params=None, plugin=None, output_sample=None,
+               timeout=None):
+        # type: (str, int, Any, Optional[Dict[str, Any]], Optional[str], Optional[str], Optional[float]) -> Job
+        """Submits a job on an input buffer and waits for ``queued``. Returns a :class:`Job`."""
+        rid, q = self._register()
+        try:
+            self._send(messages.submit(rid, model, scale, buf_or_id, params, plugin, output_sample))
+            first = self._get(q, _deadline(self.timeout if timeout is None else timeout),
+                              "the daemon to queue the job")
+        except BaseException:
+            self._unregister(rid)
+            raise
+        t = first.get("type")
+        if t == "error":
+            self._unregister(rid)
+            raise TesseraError.from_event(first)
+        if t not in ("queued", "progress", "result") or "job" not in first:
+            self._unregister(rid)
+            raise TesseraError("bad_reply", "expected `queued` after submit, got %r" % (first,))
+        job = Job(self, rid, q, int(first["job"]), int(first.get("position") or 0))
+        if t != "queued":
+            job._pending.append(first)
+        return job
+
+    def cancel(self, job, timeout=None):
+        # type: (Any, Optional[float]) -> None
+        """Cancels a job (a :class:`Job` or a daemon job id) and waits for ``ack``. The job
+        itself then ends with error code ``cancelled``."""
+        job_id = job.job if isinstance(job, Job) else int(job)
+        self._call(messages.cancel, (job_id,), "ack", timeout)
+
+    def close(self):
+        # type: () -> None
+        """Closes the connection; every waiting request fails with code ``closed``. The
+        daemon frees this connection's buffers; buffers mapped here stay readable."""
+        self._die(TesseraError("closed", "this Tessera client was closed"))
+        try:
+            self._sock.shutdown(_socket.SHUT_RDWR)
+        except OSError:
+            pass
+        if self._reader is not threading.current_thread():
+            self._reader.join(1.0)
+        try:
+            self._sock.close()
+        except OSError:
+            pass
+
+    def __enter__(self):
+        # type: () -> Client
+        return self
+
+    def __exit__(self, *exc):
+        # type: (Any) -> None
+        self.close()
+
+    # -- machinery --------------------------------------------------------------------------
+
+    def _register(self):
+        # type: () -> Tuple[int, queue.Queue]
+        q = queue.Queue()  # type: queue.Queue
+        with self._lock:
+            if self._dead is not None:
+                raise self._dead.copy()
+            rid = next(self._ids)
+            self._waiters[rid] = q
+        return rid, q
+
+    def _unregister(self, rid):
+        # type: (int) -> None
+        with self._lock:
+            self._waiters.pop(rid, None)
+
+    def _send(self, msg):
+        # type: (Dict[str, Any]) -> None
+        data = encode_frame(msg)
+        with self._send_lock:
+            if self._dead is not None:
+                raise self._dead.copy()
+            try:
+                self._sock.sendall(data)
+            except OSError as e:
+                err = TesseraError("disconnected",
+                                   "the connection to tesserad broke while sending: %s" % e,
+                                   _restart_hint())
+                self._die(err)
+                try:
+                    self._sock.shutdown(_socket.SHUT_RDWR)
+                except OSError:
+                    pass
+                raise err.copy()
+
+    def _get(self, q, deadline, what, block=True):
+        # type: (queue.Queue, Optional[float], str, bool) -> Optional[Dict[str, Any]]
+        """The next message for a request, raising errors pushed by the reader. Messages
+        already queued come before a disconnect. With ``block=False``, None when none."""
+        try:
+            item = q.get_nowait()
+        except queue.Empty:
+            if self._dead is not None:
+                raise self._dead.copy()
+            if not block:
+                return None
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                raise self._timeout(what)
+            try:
+                item = q.get(timeout=remaining)
+            except queue.Empty:
+                raise self._timeout(what) from None
+        if isinstance(item, TesseraError):
+            raise item
+        return item
+
+    @staticmethod
+    def _timeout(what):
+        # type: (str) -> TesseraError
+        return TesseraError("timeout", "timed out waiting for %s" % what,
+                            "the daemon may be busy; try again with a longer timeout")
+
+    def _call(self, build, args, expect, timeout):
+        # type: (Callable[..., Dict[str, Any]], tuple, str, Optional[float]) -> Dict[str, Any]
+        """Sends one request built by ``build(id, *args)`` and returns its ``expect`` reply."""
+        rid, q = self._register()
+        try:
+            self._send(build(rid, *args))
+            deadline = _deadline(self.timeout if timeout is None else timeout)
+            ev = self._get(q, deadline, "`%s`" % expect)
+            assert ev is not None
+            t = ev.get("type")
+            if t == "error":
+                raise TesseraError.from_event(ev)
+            if t != expect:
+                raise TesseraError("bad_reply", "expected `%s`, got %r" % (expect, ev))
+            return ev
+        finally:
+            self._unregister(rid)
+
+    def _read_loop(self):
+        # type: () -> None
+        err = None  # type: Optional[TesseraError]
+        try:
+            while True:
+                msg = read_frame(self._sock.recv)
+                if msg is None:
+                    break
+                self._route(msg)
+        except TesseraError as e:
+            err = e
+        except OSError as e:
+            err = TesseraError("disconnected", "the connection to tesserad broke: %s" % e,
+                               _restart_hint())
+        except Exception as e:  # a bug here must still wake every waiter
+            err = TesseraError("internal", "the Tessera client's reader failed: %r" % (e,))
+        if err is None:
+            message = "tesserad closed the connection"
+            if self._last_conn_error is not None:
+                message += " after an error: %s" % self._last_conn_error.message
+            err = TesseraError("disconnected", message, _restart_hint())
+        self._die(err)
+
+    def _route(self, msg):
+        # type: (Dict[str, Any]) -> None
+        rid = msg.get("id")
+        if rid is None:
+            if msg.get("type") == "error":
+                err = TesseraError.from_event(msg)
+                self._last_conn_error = err
+                with self._lock:
+                    waiting = list(self._waiters.values())
+                for q in waiting:
+                    q.put(err.copy())
+            return
+        with self._lock:
+            q = self._waiters.get(rid)
+        if q is not None:
+            q.put(msg)
+        # Anything else answers a request nobody waits for any more (timed out): dropped.
+
+    def _die(self, err):
+        # type: (TesseraError) -> None
+        with self._lock:
+            if self._dead is None:
+                self._dead = err
+            dead = self._dead
+            waiting = list(self._waiters.values())
+        for q in waiting:
+            q.put(dead.copy())
+
+
+class Job(object):
+    """A submitted job: ``job`` (the daemon's job id), ``id`` (the submit's request id),
+    ``position`` (in the queue when it was queued). Consume its events from one thread.
+
+    After the end: ``done`` is True and either ``result`` (the ``result`` message),
+    ``layers`` and ``seconds`` are set, or ``error`` (a :class:`TesseraError`).
+    """
+
+    def __init__(self, client, id, q, job, position):
+        # type: (Client, int, queue.Queue, int, int) -> None
+        self.client = client
+        self.id = id
+        self.job = job
+        self.position = position
+        self.done = False
+        self.result = None  # type: Optional[Dict[str, Any]]
+        self.layers = None  # type: Optional[List[Layer]]
+        self.seconds = None  # type: Optional[float]
+        self.error = None  # type: Optional[TesseraError]
+        self.last_progress = None  # type: Optional[Dict[str, Any]]
+        self._queue = q
+        self._pending = collections.deque()  # type: Deque[Dict[str, Any]]
+
+    def _finish(self, error=None):
+        # type: (Optional[TesseraError]) -> None
+        self.done = True
+        self.error = error
+        self.client._unregister(self.id)
+
+    def _next(self, deadline, block=True):
+        # type: (Optional[float], bool) -> Optional[Dict[str, Any]]
+        """The next event that matters (progress or result), None when not blocking and
+        nothing came; raises the job's error."""
+        while True:
+            if self._pending:
+                ev = self._pending.popleft()  # type: Optional[Dict[str, Any]]
+            else:
+                try:
+                    ev = self.client._get(self._queue, deadline, "job %d" % self.job, block)
+                except TesseraError as e:
+                    if self.client._dead is not None:  # the connection is gone, so is the job
+                        self._finish(e.copy())
+                    raise
+                if ev is None:
+                    return None
+            t = ev.get("type")
+            if t == "progress":
+                self.last_progress = ev
+                return ev
+            if t == "result":
+                self.result = ev
+                self.seconds = ev.get("seconds")
+                try:
+                    self.layers = messages.parse_layers(ev)
+                    for layer in self.layers:
+                        layer.buffer.map()
+                except TesseraError as e:
+                    for layer in self.layers or []:
+                        layer.buffer.close()
+                    self._finish(e)
+                    raise e.copy()
+                self._finish()
+                return ev
+            if t == "error":
+                err = TesseraError.from_event(ev)
+                self._finish(err)
+                raise err.copy()
+            if t == "queued":
+                self.position = int(ev.get("position") or 0)
+            # Other types (from a newer daemon) are skipped.
+
+    def events(self, timeout=None):
+        # type: (Optional[float]) -> Iterator[Dict[str, Any]]
+        """Yields ``progress`` messages, then the ``result`` message, and stops. Raises
+        :class:`TesseraError` for the job's error. ``timeout``: seconds for the whole wait
+        (None: no limit); on timeout the job goes on and can be waited for again. After the
+        end it yields just the result (or raises the error) again."""
+        if self.done:
+            if self.error is not None:
+                raise self.error.copy()
+            if self.result is not None:
+                yield self.result
+            return
+        deadline = _deadline(timeout)
+        while True:
+            ev = self._next(deadline)
+            assert ev is not None
+            yield ev
+            if ev.get("type") == "result":
+                return
+
+    def wait(self, progress=None, timeout=None):
+        # type: (Optional[Callable[[Dict[str, Any]], Any]], Optional[float]) -> List[Layer]
+        """Waits for the end and returns the result layers, bottom first, mapped. Calls
+        ``progress(event)`` in this thread for each ``progress`` message."""
+        for ev in self.events(timeout):
+            if progress is not None and ev.get("type") == "progress":
+                progress(ev)
+        assert self.layers is not None
+        return self.layers
+
+    def poll(self):
+        # type: () -> List[Dict[str, Any]]
+        """The events that have arrived, without blocking (for GUI timers). Raises the job's
+        error; after the result, ``done`` is True and ``layers`` is set."""
+        out = []  # type: List[Dict[str, Any]]
+        if self.done:
+            if self.error is not None:
+                raise self.error.copy()
+            return out
+        while not self.done:
+            ev = self._next(None, block=False)
+            if ev is None:
+                break
+            out.append(ev)
+        return out
+
+    def cancel(self, timeout=None):
+        # type: (Optional[float]) -> None
+        """Asks the daemon to cancel and waits for ``ack``; the job then ends with error code
+        ``cancelled`` (wait() raises it). Raises ``unknown_job`` when it had already ended."""
+        self.client.cancel(self.job, timeout)
+
+    def __repr__(self):
+        # type: () -> str
+        state = "running"
+        if self.done:
+            state = "failed: %s" % self.error.code if self.error is not None else "done"
+        return "Job(%d, %s)" % (self.job, state)

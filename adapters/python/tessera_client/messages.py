@@ -1,0 +1,133 @@
+"""Builders for every request and readers for the events that carry data, with no I/O.
+
+Each builder returns exactly the dict that goes on the wire (see ``protocol/golden/``).
+"""
+
+from typing import Any, Dict, List, Optional
+
+from .buffer import Buffer, Layer
+from .errors import TesseraError
+
+#: Major protocol version this client speaks.
+PROTOCOL_VERSION = 1
+
+REQUEST_TYPES = ("hello", "alloc", "release", "submit", "cancel", "list", "ping")
+EVENT_TYPES = ("welcome", "allocated", "released", "queued", "progress", "result", "error",
+               "ack", "listing", "pong")
+
+#: Sample types and colour encodings a layout may name.
+SAMPLE_TYPES = ("u8", "u16", "f16", "f32")
+ENCODINGS = ("srgb", "linear")
+
+
+def hello(id, client, token=None, protocol=PROTOCOL_VERSION):
+    # type: (int, str, Optional[str], int) -> Dict[str, Any]
+    msg = {"type": "hello", "id": id, "protocol": protocol, "client": client}  # type: Dict[str, Any]
+    if token is not None:
+        msg["token"] = token
+    return msg
+
+
+def layout_request(width, height, channels, sample="f32", encoding="srgb", alpha=None,
+                   stride=None):
+    # type: (int, int, int, str, str, Optional[bool], Optional[int]) -> Dict[str, Any]
+    """The ``layout`` of an ``alloc``. ``alpha`` defaults to True for 2 or 4 channels; a
+    missing ``stride`` means tightly packed rows."""
+    if alpha is None:
+        alpha = channels in (2, 4)
+    lay = {"width": int(width), "height": int(height), "channels": int(channels),
+           "sample": sample}  # type: Dict[str, Any]
+    if stride is not None:
+        lay["stride"] = int(stride)
+    lay["encoding"] = encoding
+    lay["alpha"] = bool(alpha)
+    return lay
+
+
+def alloc(id, width, height, channels, sample="f32", encoding="srgb", alpha=None, stride=None):
+    # type: (int, int, int, int, str, str, Optional[bool], Optional[int]) -> Dict[str, Any]
+    return {"type": "alloc", "id": id,
+            "layout": layout_request(width, height, channels, sample, encoding, alpha, stride)}
+
+
+def buffer_ref(buf_or_id):
+    # type: (Any) -> str
+    """A buffer's id from a :class:`Buffer`, or the given id or path string."""
+    if isinstance(buf_or_id, Buffer):
+        return buf_or_id.id
+    if isinstance(buf_or_id, str):
+        return buf_or_id
+    raise TypeError("expected a Buffer or a buffer id, not %r" % (buf_or_id,))
+
+
+def release(id, buffer):
+    # type: (int, Any) -> Dict[str, Any]
+    return {"type": "release", "id": id, "buffer": buffer_ref(buffer)}
+
+
+def submit(id, model, scale, input, params=None, plugin=None, output_sample=None):
+    # type: (int, str, int, Any, Optional[Dict[str, Any]], Optional[str], Optional[str]) -> Dict[str, Any]
+    msg = {"type": "submit", "id": id}  # type: Dict[str, Any]
+    if plugin is not None:
+        msg["plugin"] = plugin
+    msg["model"] = model
+    msg["scale"] = int(scale)
+    msg["input"] = buffer_ref(input)
+    msg["params"] = dict(params) if params else {}
+    if output_sample is not None:
+        msg["output_sample"] = output_sample
+    return msg
+
+
+def cancel(id, job):
+    # type: (int, int) -> Dict[str, Any]
+    return {"type": "cancel", "id": id, "job": int(job)}
+
+
+def list_(id):
+    # type: (int) -> Dict[str, Any]
+    return {"type": "list", "id": id}
+
+
+def ping(id):
+    # type: (int) -> Dict[str, Any]
+    return {"type": "ping", "id": id}
+
+
+#: Request builders by message type.
+BUILDERS = {
+    "hello": hello,
+    "alloc": alloc,
+    "release": release,
+    "submit": submit,
+    "cancel": cancel,
+    "list": list_,
+    "ping": ping,
+}
+
+
+# -- events ---------------------------------------------------------------------------------
+
+def parse_buffer(event):
+    # type: (Dict[str, Any]) -> Buffer
+    """The (unmapped) buffer of an ``allocated`` event."""
+    if "buffer" not in event:
+        raise TesseraError("bad_reply", "`allocated` without a buffer: %r" % (event,))
+    return Buffer.from_info(event["buffer"])
+
+
+def parse_layers(event):
+    # type: (Dict[str, Any]) -> List[Layer]
+    """The layers of a ``result`` event, bottom first, with unmapped buffers."""
+    layers = event.get("layers")
+    if not isinstance(layers, list):
+        raise TesseraError("bad_reply", "`result` without a list of layers: %r" % (event,))
+    return [Layer.from_info(info) for info in layers]
+
+
+def raise_if_error(event):
+    # type: (Dict[str, Any]) -> Dict[str, Any]
+    """Raises :class:`TesseraError` for an ``error`` event; returns any other unchanged."""
+    if event.get("type") == "error":
+        raise TesseraError.from_event(event)
+    return event

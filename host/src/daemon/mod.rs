@@ -1,0 +1,247 @@
+//! tesserad: client connections, pixel buffers, the job queue and worker supervision.
+//! It links no GPU code, so it starts at once and never dies with a driver.
+
+mod scheduler;
+mod session;
+
+use std::collections::HashMap;
+use std::io;
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{mpsc, Arc};
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use parking_lot::{Mutex, RwLock};
+use tessera_protocol::{to_body, Event, Limits, PluginInfo, WorkerInfo};
+
+use crate::buffers::{BufferStore, ClientId};
+use crate::paths;
+use scheduler::{Sched, Scheduler};
+
+/// Everything tesserad can be told at start. Defaults come from the environment (paths.rs).
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub runtime_dir: PathBuf,
+    pub socket: PathBuf,
+    /// Also listen on TCP (loopback unless `allow_remote`); clients must send the token.
+    pub tcp: Option<SocketAddr>,
+    pub allow_remote: bool,
+    pub token_path: PathBuf,
+    pub plugin_dirs: Vec<PathBuf>,
+    pub limits: Limits,
+    /// How long a worker may take to load its plugins and say hello.
+    pub worker_start_timeout: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Config {
+        let runtime_dir = paths::runtime_dir();
+        Config {
+            socket: paths::socket_path(&runtime_dir),
+            runtime_dir,
+            tcp: None,
+            allow_remote: false,
+            token_path: paths::token_path(),
+            plugin_dirs: default_plugin_dirs(),
+            limits: Limits::default(),
+            worker_start_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// `$TESSERA_PLUGIN_DIR`, else `<exe dir>/plugins`, `<exe dir>/../lib/tessera/plugins`, and the
+/// executable's own directory (where cargo puts the plugin libraries in a development build).
+pub fn default_plugin_dirs() -> Vec<PathBuf> {
+    if let Some(dir) = std::env::var_os("TESSERA_PLUGIN_DIR").filter(|v| !v.is_empty()) {
+        return std::env::split_paths(&dir).collect();
+    }
+    let Some(exe_dir) = std::env::current_exe().ok().and_then(|e| e.parent().map(PathBuf::from)) else {
+        return Vec::new();
+    };
+    vec![exe_dir.join("plugins"), exe_dir.join("../lib/tessera/plugins"), exe_dir]
+}
+
+/// A client's connection, Unix or TCP.
+pub(crate) enum Stream {
+    Unix(UnixStream),
+    Tcp(TcpStream),
+}
+
+impl Stream {
+    fn try_clone(&self) -> io::Result<Stream> {
+        Ok(match self {
+            Stream::Unix(s) => Stream::Unix(s.try_clone()?),
+            Stream::Tcp(s) => Stream::Tcp(s.try_clone()?),
+        })
+    }
+    fn shutdown(&self) {
+        let _ = match self {
+            Stream::Unix(s) => s.shutdown(std::net::Shutdown::Both),
+            Stream::Tcp(s) => s.shutdown(std::net::Shutdown::Both),
+        };
+    }
+}
+
+impl io::Read for Stream {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Stream::Unix(s) => s.read(buf),
+            Stream::Tcp(s) => s.read(buf),
+        }
+    }
+}
+
+impl io::Write for Stream {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Stream::Unix(s) => s.write(buf),
+            Stream::Tcp(s) => s.write(buf),
+        }
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+pub(crate) enum Outgoing {
+    Frame(Vec<u8>),
+    /// Flush what is queued, then close the connection.
+    Close,
+}
+
+/// State shared by the connection threads and the scheduler.
+pub(crate) struct Shared {
+    pub config: Config,
+    pub buffers: Mutex<BufferStore>,
+    pub clients: Mutex<HashMap<ClientId, mpsc::Sender<Outgoing>>>,
+    pub plugins: RwLock<Vec<PluginInfo>>,
+    pub workers: Mutex<Vec<WorkerInfo>>,
+    pub sched: Mutex<mpsc::Sender<Sched>>,
+    pub token: Option<String>,
+    pub next_client: AtomicU64,
+    pub next_job: AtomicU64,
+}
+
+impl Shared {
+    /// Queues an event for a client; a client that has left is silently skipped.
+    pub fn send(&self, client: ClientId, event: &Event) {
+        if let Some(tx) = self.clients.lock().get(&client) {
+            let _ = tx.send(Outgoing::Frame(to_body(event)));
+        }
+    }
+    pub fn schedule(&self, msg: Sched) {
+        let _ = self.sched.lock().send(msg);
+    }
+}
+
+/// Runs tesserad until SIGTERM/SIGINT: then jobs are cancelled, workers stopped, and the
+/// socket and every buffer file removed.
+pub fn run(config: Config) -> anyhow::Result<()> {
+    paths::private_dir(&config.runtime_dir)
+        .with_context(|| format!("cannot prepare the runtime directory {}", config.runtime_dir.display()))?;
+    if let Some(parent) = config.socket.parent() {
+        paths::private_dir(parent)?;
+    }
+    if config.socket.exists() {
+        if UnixStream::connect(&config.socket).is_ok() {
+            bail!("tesserad is already running on {}", config.socket.display());
+        }
+        std::fs::remove_file(&config.socket).context("cannot remove a stale socket")?;
+    }
+    let buffers = BufferStore::new(&config.runtime_dir.join("buffers"))
+        .context("cannot prepare the buffer directory")?;
+    let token = match config.tcp {
+        Some(addr) => {
+            if !addr.ip().is_loopback() && !config.allow_remote {
+                bail!("refusing to listen on {addr}: it is not a loopback address (pass --allow-remote to mean it)");
+            }
+            Some(paths::load_or_create_token(&config.token_path).context("cannot create the TCP token file")?)
+        }
+        None => None,
+    };
+    let (sched_tx, sched_rx) = mpsc::channel();
+    let shared = Arc::new(Shared {
+        config: config.clone(),
+        buffers: Mutex::new(buffers),
+        clients: Mutex::new(HashMap::new()),
+        plugins: RwLock::new(Vec::new()),
+        workers: Mutex::new(Vec::new()),
+        sched: Mutex::new(sched_tx.clone()),
+        token,
+        next_client: AtomicU64::new(1),
+        next_job: AtomicU64::new(1),
+    });
+
+    // Start the worker before listening, so the first client already sees the plugins.
+    let mut scheduler = Scheduler::new(shared.clone(), sched_rx, sched_tx);
+    scheduler.ensure_worker();
+    std::thread::Builder::new().name("scheduler".into()).spawn(move || scheduler.run())?;
+
+    let listener = {
+        // SAFETY: umask only affects this process's file creation mode; restored at once.
+        let old = unsafe { libc::umask(0o177) };
+        let l = UnixListener::bind(&config.socket);
+        unsafe { libc::umask(old) };
+        l.with_context(|| format!("cannot listen on {}", config.socket.display()))?
+    };
+    std::fs::set_permissions(&config.socket, std::fs::Permissions::from_mode(0o600))?;
+    tracing::info!("tesserad {} listening on {}", env!("CARGO_PKG_VERSION"), config.socket.display());
+
+    if let Some(addr) = config.tcp {
+        let tcp = TcpListener::bind(addr).with_context(|| format!("cannot listen on {addr}"))?;
+        tracing::info!("also listening on tcp:{} (token in {})", tcp.local_addr()?, config.token_path.display());
+        let shared = shared.clone();
+        std::thread::spawn(move || {
+            for stream in tcp.incoming().flatten() {
+                let _ = stream.set_nodelay(true);
+                spawn_session(shared.clone(), Stream::Tcp(stream), true);
+            }
+        });
+    }
+    install_signal_handlers(shared.clone())?;
+
+    for stream in listener.incoming() {
+        match stream {
+            Ok(s) => spawn_session(shared.clone(), Stream::Unix(s), false),
+            Err(e) => tracing::warn!("accept failed: {e}"),
+        }
+    }
+    Ok(())
+}
+
+fn spawn_session(shared: Arc<Shared>, stream: Stream, needs_token: bool) {
+    let client = shared.next_client.fetch_add(1, Ordering::Relaxed);
+    let _ = std::thread::Builder::new()
+        .name(format!("client-{client}"))
+        .spawn(move || session::serve(shared, client, stream, needs_token));
+}
+
+fn install_signal_handlers(shared: Arc<Shared>) -> anyhow::Result<()> {
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT])?;
+    std::thread::spawn(move || {
+        if let Some(sig) = signals.forever().next() {
+            tracing::info!("signal {sig}: cancelling jobs and shutting down");
+            // No new connections from here on.
+            let _ = std::fs::remove_file(&shared.config.socket);
+            let (done_tx, done_rx) = mpsc::channel();
+            shared.schedule(Sched::Shutdown(done_tx));
+            let _ = done_rx.recv_timeout(Duration::from_secs(20));
+            // Let the connection threads flush the shutdown errors they were handed.
+            for tx in shared.clients.lock().values() {
+                let _ = tx.send(Outgoing::Close);
+            }
+            std::thread::sleep(Duration::from_millis(100));
+            let mut buffers = shared.buffers.lock();
+            buffers.remove_all();
+            let _ = std::fs::remove_dir(buffers.dir());
+            tracing::info!("tesserad stopped");
+            std::process::exit(0);
+        }
+    });
+    Ok(())
+}

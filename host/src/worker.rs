@@ -1,0 +1,167 @@
+//! Worker mode (`tesserad worker`): a child process that loads the engine plugins and runs one
+//! job at a time. A crash here (a plugin fault, a driver reset, out of memory) takes down only
+//! this process; tesserad fails the job and starts a new worker.
+
+use std::collections::HashSet;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use ipc_channel::ipc::{self, IpcSender};
+use parking_lot::Mutex;
+use serde_json::{Map, Value};
+use tessera_plugin_abi::host::{Instance, OutputBuf, Plugin, ProcessError, ProcessRequest};
+
+use crate::ipc::{FromWorker, RunJob, ToWorker};
+
+/// File names a plugin library may have in a plugin directory.
+fn is_plugin_file(path: &Path) -> bool {
+    let Some(name) = path.file_name().and_then(|n| n.to_str()) else { return false };
+    let ext = std::env::consts::DLL_EXTENSION;
+    name.ends_with(&format!(".{ext}"))
+        && (name.starts_with("libtessera_") || name.starts_with("tessera_"))
+}
+
+/// Loads every plugin found in `dirs`, first directory first; a plugin id seen twice keeps
+/// the first. Returns the plugins and one message per library that failed.
+pub fn load_plugins(dirs: &[PathBuf]) -> (Vec<(Plugin, Instance)>, Vec<String>) {
+    let mut loaded: Vec<(Plugin, Instance)> = Vec::new();
+    let mut errors = Vec::new();
+    for dir in dirs {
+        let Ok(entries) = fs::read_dir(dir) else { continue };
+        let mut paths: Vec<PathBuf> = entries.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| is_plugin_file(p)).collect();
+        paths.sort();
+        for path in paths {
+            match Plugin::load(&path).and_then(|p| p.instantiate(&Value::Object(Map::new())).map(|i| (p, i))) {
+                Ok((plugin, instance)) => {
+                    if loaded.iter().any(|(p, _)| p.info.id == plugin.info.id) {
+                        tracing::warn!("skipping {}: plugin `{}` is already loaded", path.display(), plugin.info.id);
+                        continue;
+                    }
+                    tracing::info!("loaded plugin `{}` {} from {}", plugin.info.id, plugin.info.version, path.display());
+                    loaded.push((plugin, instance));
+                }
+                Err(e) => {
+                    tracing::error!("{e}");
+                    errors.push(e.to_string());
+                }
+            }
+        }
+    }
+    (loaded, errors)
+}
+
+/// The worker's main: connect to the daemon's one-shot server `ipc_name`, say hello, then run
+/// jobs until told to stop or until the daemon goes away.
+pub fn run(ipc_name: String, plugin_dirs: Vec<PathBuf>) -> anyhow::Result<()> {
+    let (mut plugins, load_errors) = load_plugins(&plugin_dirs);
+    let to_daemon: IpcSender<FromWorker> =
+        IpcSender::connect(ipc_name).context("cannot reach tesserad's worker channel")?;
+    let (req_tx, req_rx) = ipc::channel::<ToWorker>()?;
+    to_daemon.send(FromWorker::Hello {
+        pid: std::process::id(),
+        device: "cpu".into(),
+        plugins_json: plugins.iter().map(|(p, _)| serde_json::to_string(&p.info).unwrap_or_default()).collect(),
+        load_errors,
+        requests: req_tx,
+    })?;
+    let to_daemon = Arc::new(Mutex::new(to_daemon));
+
+    // A reader thread keeps cancel responsive while the job thread is busy in a plugin.
+    let current: Arc<Mutex<Option<(u64, Arc<AtomicBool>)>>> = Arc::new(Mutex::new(None));
+    let cancelled_early: Arc<Mutex<HashSet<u64>>> = Arc::default();
+    let (jobs_tx, jobs_rx) = mpsc::channel::<RunJob>();
+    {
+        let current = current.clone();
+        let cancelled_early = cancelled_early.clone();
+        std::thread::spawn(move || loop {
+            match req_rx.recv() {
+                Ok(ToWorker::Run(job)) => {
+                    let _ = jobs_tx.send(job);
+                }
+                Ok(ToWorker::Cancel { job }) => match &*current.lock() {
+                    Some((id, flag)) if *id == job => flag.store(true, Ordering::Relaxed),
+                    _ => {
+                        cancelled_early.lock().insert(job);
+                    }
+                },
+                // Told to stop, or the daemon is gone: nobody is left to report to.
+                Ok(ToWorker::Shutdown) | Err(_) => std::process::exit(0),
+            }
+        });
+    }
+
+    for job in jobs_rx {
+        let id = job.job;
+        let flag = Arc::new(AtomicBool::new(cancelled_early.lock().remove(&id)));
+        *current.lock() = Some((id, flag.clone()));
+        let result = run_job(&mut plugins, &job, &flag, &to_daemon);
+        *current.lock() = None;
+        let reply = match result {
+            Ok(()) => FromWorker::Done { job: id },
+            Err(ProcessError::Cancelled) => FromWorker::Failed { job: id, cancelled: true, message: "cancelled".into() },
+            Err(ProcessError::Failed(message)) => FromWorker::Failed { job: id, cancelled: false, message },
+        };
+        to_daemon.lock().send(reply)?;
+    }
+    Ok(())
+}
+
+fn run_job(
+    plugins: &mut [(Plugin, Instance)],
+    job: &RunJob,
+    cancel: &AtomicBool,
+    to_daemon: &Mutex<IpcSender<FromWorker>>,
+) -> Result<(), ProcessError> {
+    let fail = |m: String| ProcessError::Failed(m);
+    let (_, instance) = plugins
+        .iter_mut()
+        .find(|(p, _)| p.info.id == job.plugin)
+        .ok_or_else(|| fail(format!("plugin `{}` is not loaded in this worker", job.plugin)))?;
+    let params: Map<String, Value> =
+        serde_json::from_str(&job.params_json).map_err(|e| fail(format!("bad params: {e}")))?;
+
+    let input_file = fs::File::open(&job.input.path).map_err(|e| fail(format!("cannot open the input buffer: {e}")))?;
+    // SAFETY: the daemon owns the file and no one truncates it while the job runs; a client
+    // writing into its own input meanwhile changes only pixel values.
+    let input = unsafe { memmap2::Mmap::map(&input_file) }.map_err(|e| fail(format!("cannot map the input buffer: {e}")))?;
+    let mut maps = Vec::with_capacity(job.outputs.len());
+    for out in &job.outputs {
+        let f = fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&out.buf.path)
+            .map_err(|e| fail(format!("cannot open an output buffer: {e}")))?;
+        // SAFETY: as above; outputs are fresh files only this job writes.
+        maps.push(unsafe { memmap2::MmapMut::map_mut(&f) }.map_err(|e| fail(format!("cannot map an output buffer: {e}")))?);
+    }
+    let outputs = job
+        .outputs
+        .iter()
+        .zip(maps.iter_mut())
+        .map(|(o, m)| OutputBuf { role: o.role, layout: o.buf.layout, offset: o.offset, data: &mut m[..] })
+        .collect();
+
+    // Progress from any plugin thread, at most every 50 ms, always the last one.
+    let last = Mutex::new(Instant::now() - Duration::from_secs(1));
+    let progress = |done: u64, total: u64, stage: &str| {
+        let mut last = last.lock();
+        if done < total && last.elapsed() < Duration::from_millis(50) {
+            return;
+        }
+        *last = Instant::now();
+        let _ = to_daemon.lock().send(FromWorker::Progress { job: job.job, done, total, stage: stage.into() });
+    };
+    instance.process(ProcessRequest {
+        model: &job.model,
+        scale: job.scale,
+        params: &params,
+        input: (&job.input.layout, &input[..]),
+        outputs,
+        cancel,
+        progress: &progress,
+    })
+}

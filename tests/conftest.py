@@ -1,0 +1,52 @@
+"""Shared pytest setup for Tessera's Python tests.
+
+Paths of the repository, the Python client on sys.path, and small fixtures. Fixtures that
+start a real tesserad belong in their own section below.
+"""
+
+import json
+import os
+import sys
+
+import pytest
+
+# -- paths ----------------------------------------------------------------------------------
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PYTHON_ADAPTERS = os.path.join(ROOT, "adapters", "python")
+GOLDEN_DIR = os.path.join(ROOT, "protocol", "golden")
+
+if PYTHON_ADAPTERS not in sys.path:
+    sys.path.insert(0, PYTHON_ADAPTERS)
+
+
+# -- protocol examples ----------------------------------------------------------------------
+
+def load_golden(name):
+    """The message in protocol/golden/<name>.json."""
+    with open(os.path.join(GOLDEN_DIR, name + ".json"), encoding="utf-8") as f:
+        return json.load(f)
+
+
+@pytest.fixture
+def golden():
+    """``golden("result")`` -> the parsed example message."""
+    return load_golden
+
+
+# -- environment ----------------------------------------------------------------------------
+
+TESSERA_ENV = ("TESSERA_RUNTIME_DIR", "TESSERA_SOCKET", "TESSERA_TOKEN", "TESSERA_BIN_DIR",
+               "XDG_RUNTIME_DIR", "XDG_CONFIG_HOME", "XDG_DATA_HOME")
+
+
+@pytest.fixture
+def clean_env(monkeypatch):
+    """Removes every environment variable the client reads, so a test sets only its own."""
+    for name in TESSERA_ENV:
+        monkeypatch.delenv(name, raising=False)
+    return monkeypatch
+
+
+# -- daemon fixtures ------------------------------------------------------------------------
+# (fixtures that build and start the real tesserad go here)
