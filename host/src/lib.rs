@@ -2,8 +2,11 @@
 //! command-line client shares with it.
 
 pub mod buffers;
+pub mod client;
 pub mod daemon;
+pub mod image_io;
 pub mod ipc;
+pub mod ora;
 pub mod paths;
 pub mod worker;
 

@@ -1,1 +1,215 @@
-fn main(){}
+//! `tessera`: the command-line client. `tessera upscale IN -o OUT.ora` sends an image through
+//! tesserad (starting it if needed) and writes the layer contract's layers as OpenRaster.
+
+use std::io::{IsTerminal, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::{Parser, Subcommand};
+use serde_json::{Map, Value};
+use tessera_host::client::{self, Client};
+use tessera_host::image_io;
+use tessera_host::ora::{self, OraLayer};
+use tessera_host::paths;
+use tessera_protocol::{Event, SampleType};
+
+#[derive(Parser)]
+#[command(name = "tessera", version, about = "Upscale images into blendable layers with Tessera")]
+struct Cli {
+    /// tesserad's socket [default: <runtime dir>/tesserad.sock].
+    #[arg(long, global = true)]
+    socket: Option<PathBuf>,
+    /// Do not start tesserad when it is not running.
+    #[arg(long, global = true)]
+    no_start: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Upscale an image (PNG, JPEG, TIFF; 8/16-bit; with alpha) into an OpenRaster file.
+    Upscale {
+        input: PathBuf,
+        /// The .ora file to write.
+        #[arg(short, long)]
+        output: PathBuf,
+        #[arg(long, default_value_t = 4)]
+        scale: u32,
+        /// Model id [default: the best installed: srgan-pair, else classic].
+        #[arg(long)]
+        model: Option<String>,
+        /// A model parameter, NAME=VALUE (VALUE is read as JSON, else as a string); repeatable.
+        #[arg(long = "param", value_name = "NAME=VALUE")]
+        params: Vec<String>,
+        /// Also write each layer and the composite as PNG into this directory.
+        #[arg(long)]
+        png_dir: Option<PathBuf>,
+    },
+    /// List the installed plugins and models.
+    Models,
+}
+
+/// Preferred default models, best first; the first one installed is used.
+const DEFAULT_MODELS: &[&str] = &["srgan-pair", "classic"];
+
+fn main() {
+    tessera_host::init_logging("warn");
+    if let Err(e) = run(Cli::parse()) {
+        eprintln!("tessera: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    let socket = cli.socket.unwrap_or_else(|| paths::socket_path(&paths::runtime_dir()));
+    match cli.command {
+        Command::Models => {
+            let client = Client::connect(&socket, !cli.no_start)?;
+            for p in &client.plugins {
+                println!("{} {} — {}", p.id, p.version, p.name);
+                for m in &p.models {
+                    let scales: Vec<String> = m.scales.iter().map(|s| format!("×{s}")).collect();
+                    let layers: Vec<&str> = m.layers.iter().map(|l| l.label()).collect();
+                    println!("  {:<24} {}  [{}]  {}", m.id, scales.join(" "), layers.join(", "), m.name);
+                }
+            }
+            Ok(())
+        }
+        Command::Upscale { input, output, scale, model, params, png_dir } => {
+            upscale(&socket, !cli.no_start, &input, &output, scale, model, &params, png_dir.as_deref())
+        }
+    }
+}
+
+fn parse_params(params: &[String]) -> anyhow::Result<Map<String, Value>> {
+    let mut map = Map::new();
+    for p in params {
+        let Some((k, v)) = p.split_once('=') else { bail!("--param takes NAME=VALUE, not `{p}`") };
+        let value = serde_json::from_str(v).unwrap_or_else(|_| Value::String(v.into()));
+        map.insert(k.into(), value);
+    }
+    Ok(map)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn upscale(socket: &Path, autostart: bool, input: &Path, output: &Path, scale: u32, model: Option<String>, params: &[String], png_dir: Option<&Path>) -> anyhow::Result<()> {
+    let params = parse_params(params)?;
+    let pixels = image_io::load(input)?;
+    let mut client = Client::connect(socket, autostart)?;
+    let installed: Vec<&str> = client.plugins.iter().flat_map(|p| p.models.iter().map(|m| m.id.as_str())).collect();
+    let model = match model {
+        Some(m) => m,
+        None => DEFAULT_MODELS
+            .iter()
+            .find(|m| installed.contains(m))
+            .map(|m| m.to_string())
+            .with_context(|| format!("no usable model is installed (installed: {installed:?})"))?,
+    };
+    // Integer layers of the input's depth are what the editors store; 16 bits for float input.
+    let out_sample = if pixels.layout.sample == SampleType::U8 { SampleType::U8 } else { SampleType::U16 };
+
+    let mut buf = client.alloc(image_io::request(&pixels.layout))?;
+    buf.map[..pixels.data.len()].copy_from_slice(&pixels.data);
+    let (_, job) = client.submit(&model, scale, &buf.info.id, params, out_sample)?;
+
+    let interrupted = Arc::new(AtomicBool::new(false));
+    signal_hook::flag::register(signal_hook::consts::SIGINT, interrupted.clone())?;
+    let bar = ProgressBar::new();
+    let mut cancel_sent = false;
+    let (layers, seconds) = loop {
+        if interrupted.load(Ordering::Relaxed) && !cancel_sent {
+            client.cancel(job)?;
+            cancel_sent = true;
+        }
+        let Some(ev) = client.next_event(Duration::from_millis(100))? else { continue };
+        match ev {
+            Event::Progress { job: j, done, total, stage, eta, .. } if j == job => bar.show(done, total, &stage, eta),
+            Event::Result { job: j, layers, seconds, .. } if j == job => break (layers, seconds),
+            Event::Error(e) if e.job == Some(job) => {
+                bar.clear();
+                bail!("{} ({})", e.message, e.hint);
+            }
+            _ => {}
+        }
+    };
+    bar.clear();
+    client.release(&buf.info.id)?;
+
+    let mapped: Vec<client::Mapped> = layers.iter().map(|l| client::map(l.buffer.clone())).collect::<Result<_, _>>()?;
+    let ora_layers: Vec<OraLayer<'_>> = layers
+        .iter()
+        .zip(&mapped)
+        .map(|(l, m)| OraLayer {
+            name: l.name.clone(),
+            file: serde_json::to_value(l.role).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default(),
+            blend: l.blend,
+            opacity: l.opacity,
+            layout: m.info.layout,
+            data: &m.map[..],
+        })
+        .collect();
+    let merged = ora::composite(&ora_layers);
+    let stem = input.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+    let group = format!("Tessera ×{scale} {model} · {stem}");
+
+    // Write beside the target and rename, so a failure never leaves a half-written file.
+    let tmp = output.with_extension("ora.part");
+    let file = std::fs::File::create(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
+    ora::write_ora(std::io::BufWriter::new(file), &group, &ora_layers, &merged)
+        .and_then(|()| std::fs::rename(&tmp, output).map_err(Into::into))
+        .inspect_err(|_| {
+            let _ = std::fs::remove_file(&tmp);
+        })?;
+    if let Some(dir) = png_dir {
+        std::fs::create_dir_all(dir)?;
+        for l in &ora_layers {
+            image_io::write_png(std::fs::File::create(dir.join(format!("{}.png", l.file)))?, &l.layout, l.data)?;
+        }
+        let merged_layout = tessera_protocol::Layout::tight(ora_layers[0].layout.width, ora_layers[0].layout.height, ora_layers[0].layout.channels, out_sample);
+        image_io::write_png(std::fs::File::create(dir.join("composite.png"))?, &merged_layout, &merged)?;
+    }
+    for l in &layers {
+        client.release(&l.buffer.id)?;
+    }
+    let l = ora_layers[0].layout;
+    eprintln!(
+        "wrote {} ({}×{}, {} layer{}: {}) in {seconds:.2} s",
+        output.display(),
+        l.width,
+        l.height,
+        layers.len(),
+        if layers.len() == 1 { "" } else { "s" },
+        layers.iter().map(|l| l.role.label()).collect::<Vec<_>>().join(", ")
+    );
+    Ok(())
+}
+
+/// A one-line progress bar on a terminal; silent otherwise.
+struct ProgressBar {
+    tty: bool,
+}
+
+impl ProgressBar {
+    fn new() -> ProgressBar {
+        ProgressBar { tty: std::io::stderr().is_terminal() }
+    }
+    fn show(&self, done: u64, total: u64, stage: &str, eta: Option<f64>) {
+        if !self.tty || total == 0 {
+            return;
+        }
+        let frac = done as f64 / total as f64;
+        let filled = (frac * 30.0).round() as usize;
+        let eta = eta.map(|s| format!(" · {s:.0} s left")).unwrap_or_default();
+        eprint!("\r{stage:<10} [{}{}] {:>3.0}%{eta}   ", "#".repeat(filled), "-".repeat(30 - filled), frac * 100.0);
+        let _ = std::io::stderr().flush();
+    }
+    fn clear(&self) {
+        if self.tty {
+            eprint!("\r{}\r", " ".repeat(70));
+        }
+    }
+}
