@@ -128,6 +128,23 @@ def test_pixels_helpers(golden):
         pixels.sample_bytes("f64")
 
 
+def test_readme_shows_every_golden_and_error_code():
+    import re
+    root = os.path.dirname(GOLDEN_DIR)
+    with open(os.path.join(root, "README.md"), encoding="utf-8") as f:
+        readme = f.read()
+    for name in GOLDEN_NAMES:
+        with open(os.path.join(GOLDEN_DIR, name + ".json"), encoding="utf-8") as f:
+            body = f.read().rstrip("\n")
+        assert "```json\n" + body + "\n```" in readme, name
+    with open(os.path.join(root, "src", "messages.rs"), encoding="utf-8") as f:
+        src = f.read()
+    enum = src[src.index("pub enum ErrorCode"):src.index("impl ErrorReply")]
+    for variant in re.findall(r"^\s*(\w+),$", enum, re.M):
+        code = re.sub(r"(?<!^)([A-Z])", r"_\1", variant).lower()
+        assert "| `%s` |" % code in readme, code
+
+
 # -- frames ---------------------------------------------------------------------------------
 
 def test_frame_round_trip():
@@ -251,8 +268,11 @@ class FakeDaemon(object):
     """Answers a Client over a socket pair. ``handler(msg, send)`` answers each request after
     the hello (default: golden replies with the request's id)."""
 
-    def __init__(self, handler=None):
-        self.client_sock, self.sock = socket.socketpair()
+    def __init__(self, handler=None, sock=None):
+        if sock is None:
+            self.client_sock, self.sock = socket.socketpair()
+        else:
+            self.client_sock, self.sock = None, sock
         self.received = []
         self.handler = handler or self.golden_reply
         self.send_lock = threading.Lock()
@@ -393,6 +413,8 @@ def test_alloc_write_submit_progress_result(fake, tmp_path, golden):
                                      "buffer": out_info, "blend": "grain_merge", "opacity": 1.0,
                                      "offset": 0.5, "future_field": 1})
             send(result)
+        else:
+            FakeDaemon.golden_reply(msg, send)
 
     d, c = fake(handler)
     buf = c.alloc(2, 2, 4, "u8")
@@ -518,6 +540,49 @@ def test_timeout_leaves_job_waitable(fake):
     with pytest.raises(TesseraError) as info:
         c.ping(timeout=0.1)
     assert info.value.code == "timeout"
+    d.send({"type": "error", "id": job.id, "job": 1, "code": "engine_failed",
+            "message": "out of memory", "hint": "see the daemon log for details"})
+    with pytest.raises(TesseraError) as info:
+        job.wait(timeout=5)
+    assert (info.value.code, info.value.job) == ("engine_failed", 1)
+
+
+def test_parse_hostport():
+    from tessera_client.client import parse_hostport
+    assert parse_hostport("127.0.0.1:7070") == ("127.0.0.1", 7070)
+    assert parse_hostport("tcp:localhost:7070") == ("localhost", 7070)
+    assert parse_hostport("tcp:7070") == ("127.0.0.1", 7070)
+    assert parse_hostport("[::1]:7070") == ("::1", 7070)
+    with pytest.raises(ValueError):
+        parse_hostport("localhost")
+
+
+def test_tcp_sends_the_token_file(clean_env, tmp_path):
+    clean_env.setenv("XDG_CONFIG_HOME", str(tmp_path))
+    os.makedirs(str(tmp_path / "tessera"))
+    (tmp_path / "tessera" / "token").write_text("s3cret\n")
+    srv = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(1)
+    port = srv.getsockname()[1]
+    box = {}
+
+    def accept():
+        conn, _ = srv.accept()
+        box["daemon"] = FakeDaemon(sock=conn)
+
+    t = threading.Thread(target=accept)
+    t.start()
+    c = Client.connect(tcp="127.0.0.1:%d" % port, client="krita/5.2", timeout=5)
+    try:
+        t.join(5)
+        assert box["daemon"].received[0] == {"type": "hello", "id": 1, "protocol": 1,
+                                             "client": "krita/5.2", "token": "s3cret"}
+        assert c.ping()["type"] == "pong"
+    finally:
+        c.close()
+        box["daemon"].close()
+        srv.close()
 
 
 def test_disconnect_wakes_every_waiter(fake):

@@ -12,6 +12,8 @@
 The wire protocol is documented in protocol/README.md.
 """
 
+from __future__ import annotations
+
 from .buffer import Buffer, Layer
 from .client import Client, Job
 from .errors import DaemonNotFound, TesseraError

@@ -4,6 +4,8 @@ Parsing and mapping are separate: :meth:`Buffer.from_info` only reads the ``buff
 an ``allocated`` or ``result`` message; :meth:`Buffer.map` opens the file.
 """
 
+from __future__ import annotations
+
 import mmap
 from typing import Any, Dict, Optional
 
@@ -19,42 +21,45 @@ class Buffer(object):
     context manager that unmaps on exit.
     """
 
-    def __init__(self, id, path, size, layout, info=None):
-        # type: (str, str, int, Dict[str, Any], Optional[Dict[str, Any]]) -> None
+    def __init__(
+        self,
+        id: str,
+        path: str,
+        size: int,
+        layout: Dict[str, Any],
+        info: Optional[Dict[str, Any]] = None,
+    ) -> None:
         self.id = id
         self.path = path
         self.size = size
         self.layout = layout
         self.info = info if info is not None else {
             "id": id, "path": path, "size": size, "layout": layout}
-        self._mmap = None  # type: Optional[mmap.mmap]
-        self._view = None  # type: Optional[memoryview]
+        self._mmap: Optional[mmap.mmap] = None
+        self._view: Optional[memoryview] = None
         self._closed = False
 
     @classmethod
-    def from_info(cls, info):
-        # type: (Dict[str, Any]) -> Buffer
+    def from_info(cls, info: Dict[str, Any]) -> Buffer:
         """Reads a protocol ``buffer`` object (no file is touched)."""
         try:
             return cls(str(info["id"]), str(info["path"]), int(info["size"]), dict(info["layout"]),
                        info)
         except (KeyError, TypeError, ValueError) as e:
-            raise TesseraError("bad_reply", "the daemon sent a malformed buffer: %r (%s)" % (info, e))
+            raise TesseraError("bad_reply",
+                               "the daemon sent a malformed buffer: %r (%s)" % (info, e))
 
     # -- mapping ----------------------------------------------------------------------------
 
     @property
-    def mapped(self):
-        # type: () -> bool
+    def mapped(self) -> bool:
         return self._view is not None
 
     @property
-    def closed(self):
-        # type: () -> bool
+    def closed(self) -> bool:
         return self._closed
 
-    def map(self):
-        # type: () -> Buffer
+    def map(self) -> Buffer:
         """Maps the file read-write (once; later calls do nothing). Returns self."""
         if self._closed:
             raise ValueError("buffer %s was closed" % self.id)
@@ -76,16 +81,14 @@ class Buffer(object):
         return self
 
     @property
-    def view(self):
-        # type: () -> memoryview
+    def view(self) -> memoryview:
         """The writable bytes of the buffer (maps the file on first use)."""
         if self._view is None:
             self.map()
         assert self._view is not None
         return self._view
 
-    def close(self):
-        # type: () -> None
+    def close(self) -> None:
         """Unmaps the file. Never raises; idempotent.
 
         If memoryviews derived from ``view`` (slices, casts) are still alive, the mapping
@@ -108,8 +111,7 @@ class Buffer(object):
 
     # -- access -----------------------------------------------------------------------------
 
-    def write(self, data, offset=0):
-        # type: (Any, int) -> None
+    def write(self, data: Any, offset: int = 0) -> None:
         """Copies a bytes-like object (bytes, bytearray, array, memoryview…) into the buffer
         at byte ``offset``."""
         src = memoryview(data)
@@ -121,8 +123,7 @@ class Buffer(object):
                              % (src.nbytes, offset, self.id, self.size))
         self.view[offset:end] = src
 
-    def read(self, offset=0, length=None):
-        # type: (int, Optional[int]) -> bytes
+    def read(self, offset: int = 0, length: Optional[int] = None) -> bytes:
         """A copy of ``length`` bytes (default: to the end) from byte ``offset``."""
         if length is None:
             length = self.size - offset
@@ -132,16 +133,13 @@ class Buffer(object):
                              % (length, offset, self.id, self.size))
         return self.view[offset:end].tobytes()
 
-    def __enter__(self):
-        # type: () -> Buffer
+    def __enter__(self) -> Buffer:
         return self
 
-    def __exit__(self, *exc):
-        # type: (Any) -> None
+    def __exit__(self, *exc: Any) -> None:
         self.close()
 
-    def __repr__(self):
-        # type: () -> str
+    def __repr__(self) -> str:
         lay = self.layout
         return "Buffer(%r, %sx%sx%s %s, %s)" % (
             self.id, lay.get("width"), lay.get("height"), lay.get("channels"), lay.get("sample"),
@@ -156,8 +154,15 @@ class Layer(object):
     offset + R (0.5 for residuals in integer buffers, else 0); ``buffer``: a :class:`Buffer`.
     """
 
-    def __init__(self, role, name, blend, opacity, offset, buffer):
-        # type: (str, str, str, float, float, Buffer) -> None
+    def __init__(
+        self,
+        role: str,
+        name: str,
+        blend: str,
+        opacity: float,
+        offset: float,
+        buffer: Buffer,
+    ) -> None:
         self.role = role
         self.name = name
         self.blend = blend
@@ -166,8 +171,7 @@ class Layer(object):
         self.buffer = buffer
 
     @classmethod
-    def from_info(cls, info):
-        # type: (Dict[str, Any]) -> Layer
+    def from_info(cls, info: Dict[str, Any]) -> Layer:
         """Reads one entry of a ``result``'s ``layers`` (the buffer is not mapped)."""
         try:
             return cls(
@@ -179,15 +183,14 @@ class Layer(object):
                 Buffer.from_info(info["buffer"]),
             )
         except (KeyError, TypeError, ValueError) as e:
-            raise TesseraError("bad_reply", "the daemon sent a malformed layer: %r (%s)" % (info, e))
+            raise TesseraError("bad_reply",
+                               "the daemon sent a malformed layer: %r (%s)" % (info, e))
 
     @property
-    def residual(self):
-        # type: () -> bool
+    def residual(self) -> bool:
         """Whether this is a residual (detail) layer rather than the base."""
         return self.role != "base"
 
-    def __repr__(self):
-        # type: () -> str
+    def __repr__(self) -> str:
         return "Layer(%r, %r, blend=%r, opacity=%r, offset=%r, %r)" % (
             self.role, self.name, self.blend, self.opacity, self.offset, self.buffer)

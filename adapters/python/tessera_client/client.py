@@ -7,6 +7,8 @@ bound unless the caller asks for it (``timeout=None`` on job waits); user callba
 the caller's thread, never in the reader thread.
 """
 
+from __future__ import annotations
+
 import collections
 import itertools
 import os
@@ -25,30 +27,30 @@ from .paths import log_path, read_token, socket_path, start_daemon, token_path
 #: How long autostart waits for a freshly started daemon to accept connections.
 AUTOSTART_WAIT = 15.0
 
-def _restart_hint():
-    # type: () -> str
+_NOT_RUNNING = (FileNotFoundError, ConnectionRefusedError)
+
+
+def _restart_hint() -> str:
     return ("reconnect to start tesserad again, then resubmit; if it keeps happening, see its "
             "log at %s" % log_path())
 
 
-def _deadline(timeout):
-    # type: (Optional[float]) -> Optional[float]
+def _deadline(timeout: Optional[float]) -> Optional[float]:
     return None if timeout is None else time.monotonic() + timeout
 
 
-def parse_hostport(tcp):
-    # type: (str) -> Tuple[str, int]
-    """``"HOST:PORT"`` (also ``"tcp:HOST:PORT"`` and ``"[::1]:PORT"``) as (host, port)."""
+def parse_hostport(tcp: str) -> Tuple[str, int]:
+    """``"HOST:PORT"`` as (host, port); also ``"[::1]:PORT"``, and ``"PORT"`` for 127.0.0.1,
+    each with or without the ``"tcp:"`` of tesserad's ``--listen``."""
     spec = tcp[4:] if tcp.startswith("tcp:") else tcp
-    host, sep, port = spec.rpartition(":")
-    if not sep or not port.isdigit():
+    host, _, port = spec.rpartition(":")
+    if not port.isdigit():
         raise ValueError("expected HOST:PORT, not %r" % (tcp,))
     host = host.strip("[]") or "127.0.0.1"
     return host, int(port)
 
 
-def _connect_unix(path, timeout):
-    # type: (str, Optional[float]) -> _socket.socket
+def _connect_unix(path: str, timeout: Optional[float]) -> _socket.socket:
     family = getattr(_socket, "AF_UNIX", None)
     if family is None:
         raise TesseraError(
@@ -65,8 +67,7 @@ def _connect_unix(path, timeout):
     return sock
 
 
-def _log_tail(lines=8):
-    # type: (int) -> str
+def _log_tail(lines: int = 8) -> str:
     try:
         with open(log_path(), "rb") as f:
             f.seek(0, os.SEEK_END)
@@ -78,13 +79,12 @@ def _log_tail(lines=8):
     return "\n".join(text.strip().splitlines()[-lines:])
 
 
-def _autostart(path, pass_socket, timeout):
-    # type: (str, bool, Optional[float]) -> _socket.socket
+def _autostart(path: str, pass_socket: bool, timeout: Optional[float]) -> _socket.socket:
     proc = start_daemon(socket=path if pass_socket else None)
     deadline = time.monotonic() + AUTOSTART_WAIT
     delay = 0.02
-    exited = None  # type: Optional[int]
-    last = None  # type: Optional[OSError]
+    exited: Optional[int] = None
+    last: Optional[OSError] = None
     while True:
         try:
             return _connect_unix(path, timeout)
@@ -116,19 +116,18 @@ def _autostart(path, pass_socket, timeout):
 class Client(object):
     """A connection to tesserad. Make one with :meth:`connect`."""
 
-    def __init__(self, sock, timeout=30.0):
-        # type: (_socket.socket, Optional[float]) -> None
+    def __init__(self, sock: _socket.socket, timeout: Optional[float] = 30.0) -> None:
         """Wraps a connected socket and starts the reader thread; no handshake (see
         :meth:`handshake`). ``timeout`` is the default for requests (None: wait forever)."""
         self.timeout = timeout
-        self.welcome = None  # type: Optional[Dict[str, Any]]
+        self.welcome: Optional[Dict[str, Any]] = None
         self._sock = sock
         self._send_lock = threading.Lock()
         self._lock = threading.Lock()
-        self._waiters = {}  # type: Dict[int, queue.Queue]
+        self._waiters: Dict[int, queue.Queue[Any]] = {}
         self._ids = itertools.count(1)
-        self._dead = None  # type: Optional[TesseraError]
-        self._last_conn_error = None  # type: Optional[TesseraError]
+        self._dead: Optional[TesseraError] = None
+        self._last_conn_error: Optional[TesseraError] = None
         self._tcp = False
         self._reader = threading.Thread(target=self._read_loop, name="tessera-client-reader")
         self._reader.daemon = True
@@ -137,9 +136,15 @@ class Client(object):
     # -- connecting -------------------------------------------------------------------------
 
     @classmethod
-    def connect(cls, socket=None, tcp=None, token=None, autostart=True,
-                client="tessera-python/0.1", timeout=30.0):
-        # type: (Optional[str], Optional[str], Optional[str], bool, str, Optional[float]) -> Client
+    def connect(
+        cls,
+        socket: Optional[str] = None,
+        tcp: Optional[str] = None,
+        token: Optional[str] = None,
+        autostart: bool = True,
+        client: str = "tessera-python/0.1",
+        timeout: Optional[float] = 30.0,
+    ) -> Client:
         """Connects, says hello and waits for ``welcome``.
 
         ``socket``: Unix socket path (default :func:`socket_path`). ``tcp``: ``"HOST:PORT"``
@@ -181,8 +186,12 @@ class Client(object):
             raise
         return c
 
-    def handshake(self, client="tessera-python/0.1", token=None, timeout=None):
-        # type: (str, Optional[str], Optional[float]) -> Dict[str, Any]
+    def handshake(
+        self,
+        client: str = "tessera-python/0.1",
+        token: Optional[str] = None,
+        timeout: Optional[float] = None,
+    ) -> Dict[str, Any]:
         """Sends ``hello`` and returns the ``welcome`` (also kept as :attr:`welcome`)."""
         try:
             ev = self._call(messages.hello, (client, token), "welcome", timeout)
@@ -197,35 +206,38 @@ class Client(object):
     # -- properties of the daemon -----------------------------------------------------------
 
     @property
-    def plugins(self):
-        # type: () -> List[Dict[str, Any]]
+    def plugins(self) -> List[Dict[str, Any]]:
         return list((self.welcome or {}).get("plugins", []))
 
     @property
-    def limits(self):
-        # type: () -> Dict[str, Any]
+    def limits(self) -> Dict[str, Any]:
         return dict((self.welcome or {}).get("limits", {}))
 
     @property
-    def closed(self):
-        # type: () -> bool
+    def closed(self) -> bool:
         return self._dead is not None
 
     # -- requests ---------------------------------------------------------------------------
 
-    def ping(self, timeout=None):
-        # type: (Optional[float]) -> Dict[str, Any]
+    def ping(self, timeout: Optional[float] = None) -> Dict[str, Any]:
         """Round trip; returns the ``pong``."""
         return self._call(messages.ping, (), "pong", timeout)
 
-    def list(self, timeout=None):
-        # type: (Optional[float]) -> Dict[str, Any]
+    def list(self, timeout: Optional[float] = None) -> Dict[str, Any]:
         """The ``listing``: plugins with their models, and workers."""
         return self._call(messages.list_, (), "listing", timeout)
 
-    def alloc(self, width, height, channels, sample="f32", encoding="srgb", alpha=None,
-              stride=None, timeout=None):
-        # type: (int, int, int, str, str, Optional[bool], Optional[int], Optional[float]) -> Buffer
+    def alloc(
+        self,
+        width: int,
+        height: int,
+        channels: int,
+        sample: str = "f32",
+        encoding: str = "srgb",
+        alpha: Optional[bool] = None,
+        stride: Optional[int] = None,
+        timeout: Optional[float] = None,
+    ) -> Buffer:
         """Allocates a daemon buffer and maps it. ``alpha`` defaults to True for 2 or 4
         channels; no ``stride`` means tightly packed rows."""
         ev = self._call(messages.alloc, (width, height, channels, sample, encoding, alpha, stride),
@@ -241,8 +253,7 @@ class Client(object):
             raise
         return buf
 
-    def release(self, buf_or_id, timeout=None):
-        # type: (Any, Optional[float]) -> None
+    def release(self, buf_or_id: Any, timeout: Optional[float] = None) -> None:
         """Unmaps a :class:`Buffer` (or a :class:`Layer`'s buffer) here, then frees it in the
         daemon. A buffer id or path string is only freed in the daemon."""
         if isinstance(buf_or_id, Layer):
@@ -251,9 +262,16 @@ class Client(object):
             buf_or_id.close()
         self._call(messages.release, (buf_or_id,), "released", timeout)
 
-    def submit(self, model, scale, buf_or_id, params=None, plugin=None, output_sample=None,
-               timeout=None):
-        # type: (str, int, Any, Optional[Dict[str, Any]], Optional[str], Optional[str], Optional[float]) -> Job
+    def submit(
+        self,
+        model: str,
+        scale: int,
+        buf_or_id: Any,
+        params: Optional[Dict[str, Any]] = None,
+        plugin: Optional[str] = None,
+        output_sample: Optional[str] = None,
+        timeout: Optional[float] = None,
+    ) -> Job:
         """Submits a job on an input buffer and waits for ``queued``. Returns a :class:`Job`."""
         rid, q = self._register()
         try:
@@ -275,15 +293,13 @@ class Client(object):
             job._pending.append(first)
         return job
 
-    def cancel(self, job, timeout=None):
-        # type: (Any, Optional[float]) -> None
+    def cancel(self, job: Any, timeout: Optional[float] = None) -> None:
         """Cancels a job (a :class:`Job` or a daemon job id) and waits for ``ack``. The job
         itself then ends with error code ``cancelled``."""
         job_id = job.job if isinstance(job, Job) else int(job)
         self._call(messages.cancel, (job_id,), "ack", timeout)
 
-    def close(self):
-        # type: () -> None
+    def close(self) -> None:
         """Closes the connection; every waiting request fails with code ``closed``. The
         daemon frees this connection's buffers; buffers mapped here stay readable."""
         self._die(TesseraError("closed", "this Tessera client was closed"))
@@ -298,19 +314,16 @@ class Client(object):
         except OSError:
             pass
 
-    def __enter__(self):
-        # type: () -> Client
+    def __enter__(self) -> Client:
         return self
 
-    def __exit__(self, *exc):
-        # type: (Any) -> None
+    def __exit__(self, *exc: Any) -> None:
         self.close()
 
     # -- machinery --------------------------------------------------------------------------
 
-    def _register(self):
-        # type: () -> Tuple[int, queue.Queue]
-        q = queue.Queue()  # type: queue.Queue
+    def _register(self) -> Tuple[int, queue.Queue[Any]]:
+        q: queue.Queue[Any] = queue.Queue()
         with self._lock:
             if self._dead is not None:
                 raise self._dead.copy()
@@ -318,13 +331,11 @@ class Client(object):
             self._waiters[rid] = q
         return rid, q
 
-    def _unregister(self, rid):
-        # type: (int) -> None
+    def _unregister(self, rid: int) -> None:
         with self._lock:
             self._waiters.pop(rid, None)
 
-    def _send(self, msg):
-        # type: (Dict[str, Any]) -> None
+    def _send(self, msg: Dict[str, Any]) -> None:
         data = encode_frame(msg)
         with self._send_lock:
             if self._dead is not None:
@@ -342,17 +353,11 @@ class Client(object):
                     pass
                 raise err.copy()
 
-    def _get(self, q, deadline, what, block=True):
-        # type: (queue.Queue, Optional[float], str, bool) -> Optional[Dict[str, Any]]
+    def _get(self, q: queue.Queue[Any], deadline: Optional[float], what: str) -> Dict[str, Any]:
         """The next message for a request, raising errors pushed by the reader. Messages
-        already queued come before a disconnect. With ``block=False``, None when none."""
-        try:
-            item = q.get_nowait()
-        except queue.Empty:
-            if self._dead is not None:
-                raise self._dead.copy()
-            if not block:
-                return None
+        already queued come before a disconnect."""
+        item = self._poll(q)
+        if item is None:
             remaining = None if deadline is None else deadline - time.monotonic()
             if remaining is not None and remaining <= 0:
                 raise self._timeout(what)
@@ -360,25 +365,41 @@ class Client(object):
                 item = q.get(timeout=remaining)
             except queue.Empty:
                 raise self._timeout(what) from None
-        if isinstance(item, TesseraError):
-            raise item
+            if isinstance(item, TesseraError):
+                raise item
         return item
 
+    def _poll(self, q: queue.Queue[Any]) -> Optional[Dict[str, Any]]:
+        """Like :meth:`_get` without blocking: None when nothing has come."""
+        try:
+            item = q.get_nowait()
+        except queue.Empty:
+            if self._dead is not None:
+                raise self._dead.copy()
+            return None
+        if isinstance(item, TesseraError):
+            raise item
+        msg: Dict[str, Any] = item
+        return msg
+
     @staticmethod
-    def _timeout(what):
-        # type: (str) -> TesseraError
+    def _timeout(what: str) -> TesseraError:
         return TesseraError("timeout", "timed out waiting for %s" % what,
                             "the daemon may be busy; try again with a longer timeout")
 
-    def _call(self, build, args, expect, timeout):
-        # type: (Callable[..., Dict[str, Any]], tuple, str, Optional[float]) -> Dict[str, Any]
+    def _call(
+        self,
+        build: Callable[..., Dict[str, Any]],
+        args: Tuple[Any, ...],
+        expect: str,
+        timeout: Optional[float],
+    ) -> Dict[str, Any]:
         """Sends one request built by ``build(id, *args)`` and returns its ``expect`` reply."""
         rid, q = self._register()
         try:
             self._send(build(rid, *args))
             deadline = _deadline(self.timeout if timeout is None else timeout)
             ev = self._get(q, deadline, "`%s`" % expect)
-            assert ev is not None
             t = ev.get("type")
             if t == "error":
                 raise TesseraError.from_event(ev)
@@ -388,9 +409,8 @@ class Client(object):
         finally:
             self._unregister(rid)
 
-    def _read_loop(self):
-        # type: () -> None
-        err = None  # type: Optional[TesseraError]
+    def _read_loop(self) -> None:
+        err: Optional[TesseraError] = None
         try:
             while True:
                 msg = read_frame(self._sock.recv)
@@ -411,8 +431,7 @@ class Client(object):
             err = TesseraError("disconnected", message, _restart_hint())
         self._die(err)
 
-    def _route(self, msg):
-        # type: (Dict[str, Any]) -> None
+    def _route(self, msg: Dict[str, Any]) -> None:
         rid = msg.get("id")
         if rid is None:
             if msg.get("type") == "error":
@@ -423,14 +442,15 @@ class Client(object):
                 for q in waiting:
                     q.put(err.copy())
             return
+        if not isinstance(rid, int):
+            return
         with self._lock:
-            q = self._waiters.get(rid)
-        if q is not None:
-            q.put(msg)
+            waiter = self._waiters.get(rid)
+        if waiter is not None:
+            waiter.put(msg)
         # Anything else answers a request nobody waits for any more (timed out): dropped.
 
-    def _die(self, err):
-        # type: (TesseraError) -> None
+    def _die(self, err: TesseraError) -> None:
         with self._lock:
             if self._dead is None:
                 self._dead = err
@@ -448,43 +468,45 @@ class Job(object):
     ``layers`` and ``seconds`` are set, or ``error`` (a :class:`TesseraError`).
     """
 
-    def __init__(self, client, id, q, job, position):
-        # type: (Client, int, queue.Queue, int, int) -> None
+    def __init__(self, client: Client, id: int, q: queue.Queue[Any], job: int,
+                 position: int) -> None:
         self.client = client
         self.id = id
         self.job = job
         self.position = position
         self.done = False
-        self.result = None  # type: Optional[Dict[str, Any]]
-        self.layers = None  # type: Optional[List[Layer]]
-        self.seconds = None  # type: Optional[float]
-        self.error = None  # type: Optional[TesseraError]
-        self.last_progress = None  # type: Optional[Dict[str, Any]]
+        self.result: Optional[Dict[str, Any]] = None
+        self.layers: Optional[List[Layer]] = None
+        self.seconds: Optional[float] = None
+        self.error: Optional[TesseraError] = None
+        self.last_progress: Optional[Dict[str, Any]] = None
         self._queue = q
-        self._pending = collections.deque()  # type: Deque[Dict[str, Any]]
+        self._pending: Deque[Dict[str, Any]] = collections.deque()
 
-    def _finish(self, error=None):
-        # type: (Optional[TesseraError]) -> None
+    def _finish(self, error: Optional[TesseraError] = None) -> None:
         self.done = True
         self.error = error
         self.client._unregister(self.id)
 
-    def _next(self, deadline, block=True):
-        # type: (Optional[float], bool) -> Optional[Dict[str, Any]]
+    def _next(self, deadline: Optional[float], block: bool = True) -> Optional[Dict[str, Any]]:
         """The next event that matters (progress or result), None when not blocking and
         nothing came; raises the job's error."""
         while True:
             if self._pending:
-                ev = self._pending.popleft()  # type: Optional[Dict[str, Any]]
+                ev: Optional[Dict[str, Any]] = self._pending.popleft()
             else:
                 try:
-                    ev = self.client._get(self._queue, deadline, "job %d" % self.job, block)
+                    if block:
+                        ev = self.client._get(self._queue, deadline, "job %d" % self.job)
+                    else:
+                        ev = self.client._poll(self._queue)
                 except TesseraError as e:
                     if self.client._dead is not None:  # the connection is gone, so is the job
                         self._finish(e.copy())
                     raise
                 if ev is None:
                     return None
+            assert ev is not None
             t = ev.get("type")
             if t == "progress":
                 self.last_progress = ev
@@ -511,8 +533,7 @@ class Job(object):
                 self.position = int(ev.get("position") or 0)
             # Other types (from a newer daemon) are skipped.
 
-    def events(self, timeout=None):
-        # type: (Optional[float]) -> Iterator[Dict[str, Any]]
+    def events(self, timeout: Optional[float] = None) -> Iterator[Dict[str, Any]]:
         """Yields ``progress`` messages, then the ``result`` message, and stops. Raises
         :class:`TesseraError` for the job's error. ``timeout``: seconds for the whole wait
         (None: no limit); on timeout the job goes on and can be waited for again. After the
@@ -531,8 +552,11 @@ class Job(object):
             if ev.get("type") == "result":
                 return
 
-    def wait(self, progress=None, timeout=None):
-        # type: (Optional[Callable[[Dict[str, Any]], Any]], Optional[float]) -> List[Layer]
+    def wait(
+        self,
+        progress: Optional[Callable[[Dict[str, Any]], Any]] = None,
+        timeout: Optional[float] = None,
+    ) -> List[Layer]:
         """Waits for the end and returns the result layers, bottom first, mapped. Calls
         ``progress(event)`` in this thread for each ``progress`` message."""
         for ev in self.events(timeout):
@@ -541,11 +565,10 @@ class Job(object):
         assert self.layers is not None
         return self.layers
 
-    def poll(self):
-        # type: () -> List[Dict[str, Any]]
+    def poll(self) -> List[Dict[str, Any]]:
         """The events that have arrived, without blocking (for GUI timers). Raises the job's
         error; after the result, ``done`` is True and ``layers`` is set."""
-        out = []  # type: List[Dict[str, Any]]
+        out: List[Dict[str, Any]] = []
         if self.done:
             if self.error is not None:
                 raise self.error.copy()
@@ -557,14 +580,12 @@ class Job(object):
             out.append(ev)
         return out
 
-    def cancel(self, timeout=None):
-        # type: (Optional[float]) -> None
+    def cancel(self, timeout: Optional[float] = None) -> None:
         """Asks the daemon to cancel and waits for ``ack``; the job then ends with error code
         ``cancelled`` (wait() raises it). Raises ``unknown_job`` when it had already ended."""
         self.client.cancel(self.job, timeout)
 
-    def __repr__(self):
-        # type: () -> str
+    def __repr__(self) -> str:
         state = "running"
         if self.done:
             state = "failed: %s" % self.error.code if self.error is not None else "done"

@@ -12,7 +12,11 @@ this side of the socket:
 ``daemon_not_found``  autostart found no ``tesserad`` executable (:class:`DaemonNotFound`)
 ``daemon_failed``     autostart started ``tesserad`` but could not connect to it
 ``map_failed``        a buffer file could not be memory-mapped
+``bad_frame``         a request too large for one frame (1 MiB), refused before sending
+``internal``          a bug in this client's reader thread
 """
+
+from __future__ import annotations
 
 from typing import Any, Dict, Optional
 
@@ -25,18 +29,16 @@ class TesseraError(Exception):
     (the raw ``error`` message when the daemon sent one, else None).
     """
 
-    def __init__(self, code, message, hint="", job=None):
-        # type: (str, str, str, Optional[int]) -> None
+    def __init__(self, code: str, message: str, hint: str = "", job: Optional[int] = None) -> None:
         super().__init__(code, message, hint, job)
         self.code = code
         self.message = message
         self.hint = hint or ""
         self.job = job
-        self.event = None  # type: Optional[Dict[str, Any]]
+        self.event: Optional[Dict[str, Any]] = None
 
     @classmethod
-    def from_event(cls, event):
-        # type: (Dict[str, Any]) -> TesseraError
+    def from_event(cls, event: Dict[str, Any]) -> TesseraError:
         """Builds the exception for an ``error`` message from the daemon."""
         err = cls(
             str(event.get("code") or "internal"),
@@ -47,22 +49,19 @@ class TesseraError(Exception):
         err.event = event
         return err
 
-    def copy(self):
-        # type: () -> TesseraError
+    def copy(self) -> TesseraError:
         """A fresh instance with the same fields (one per waiting thread, so tracebacks of
         concurrent raises do not mix)."""
         err = type(self)(self.code, self.message, self.hint, self.job)
         err.event = self.event
         return err
 
-    def __str__(self):
-        # type: () -> str
+    def __str__(self) -> str:
         if self.hint:
             return "%s\nHint: %s" % (self.message, self.hint)
         return self.message
 
-    def __repr__(self):
-        # type: () -> str
+    def __repr__(self) -> str:
         return "%s(code=%r, message=%r, hint=%r, job=%r)" % (
             type(self).__name__, self.code, self.message, self.hint, self.job)
 

@@ -1,6 +1,8 @@
 """Length-prefixed frames: a 4-byte little-endian length, then that many bytes of UTF-8 JSON
 (one object). Mirrors ``protocol/src/frame.rs``."""
 
+from __future__ import annotations
+
 import json
 import struct
 from typing import Any, Callable, Dict, Optional
@@ -16,19 +18,22 @@ _HEADER = struct.Struct("<I")
 class FrameError(TesseraError):
     """A frame that cannot be read: truncated, oversized, or not one JSON object."""
 
-    def __init__(self, code="bad_reply", message="bad frame", hint="", job=None):
-        # type: (str, str, str, Optional[int]) -> None
+    def __init__(
+        self,
+        code: str = "bad_reply",
+        message: str = "bad frame",
+        hint: str = "",
+        job: Optional[int] = None,
+    ) -> None:
         super().__init__(code, message, hint, job)
 
 
-def encode_body(msg):
-    # type: (Dict[str, Any]) -> bytes
+def encode_body(msg: Dict[str, Any]) -> bytes:
     """The JSON body of a message, compact, UTF-8."""
     return json.dumps(msg, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
 
 
-def encode_frame(msg, max_len=MAX_FRAME_LEN):
-    # type: (Dict[str, Any], int) -> bytes
+def encode_frame(msg: Dict[str, Any], max_len: int = MAX_FRAME_LEN) -> bytes:
     """Header and body of one frame, ready for a single ``sendall``."""
     body = encode_body(msg)
     if len(body) > max_len:
@@ -39,20 +44,19 @@ def encode_frame(msg, max_len=MAX_FRAME_LEN):
     return _HEADER.pack(len(body)) + body
 
 
-def decode_body(body):
-    # type: (bytes) -> Dict[str, Any]
+def decode_body(body: bytes) -> Dict[str, Any]:
     """Parses a frame body; it must be one JSON object."""
     try:
         msg = json.loads(body.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as e:
         raise FrameError("bad_reply", "the frame is not valid UTF-8 JSON: %s" % e)
     if not isinstance(msg, dict):
-        raise FrameError("bad_reply", "a message must be a JSON object, not %s" % type(msg).__name__)
+        raise FrameError("bad_reply",
+                         "a message must be a JSON object, not %s" % type(msg).__name__)
     return msg
 
 
-def read_exactly(read, n):
-    # type: (Callable[[int], bytes], int) -> bytes
+def read_exactly(read: Callable[[int], bytes], n: int) -> bytes:
     """Calls ``read`` until ``n`` bytes have come or it returns b"" (end of stream)."""
     chunks = []
     got = 0
@@ -65,8 +69,10 @@ def read_exactly(read, n):
     return b"".join(chunks)
 
 
-def read_frame(read, max_len=MAX_FRAME_LEN):
-    # type: (Callable[[int], bytes], int) -> Optional[Dict[str, Any]]
+def read_frame(
+    read: Callable[[int], bytes],
+    max_len: int = MAX_FRAME_LEN,
+) -> Optional[Dict[str, Any]]:
     """Reads one frame with ``read`` (e.g. ``stream.read`` or ``sock.recv``) and returns its
     message, or None when the stream ended cleanly between two frames.
 

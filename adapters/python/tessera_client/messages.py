@@ -3,6 +3,8 @@
 Each builder returns exactly the dict that goes on the wire (see ``protocol/golden/``).
 """
 
+from __future__ import annotations
+
 from typing import Any, Dict, List, Optional
 
 from .buffer import Buffer, Layer
@@ -20,23 +22,33 @@ SAMPLE_TYPES = ("u8", "u16", "f16", "f32")
 ENCODINGS = ("srgb", "linear")
 
 
-def hello(id, client, token=None, protocol=PROTOCOL_VERSION):
-    # type: (int, str, Optional[str], int) -> Dict[str, Any]
-    msg = {"type": "hello", "id": id, "protocol": protocol, "client": client}  # type: Dict[str, Any]
+def hello(
+    id: int,
+    client: str,
+    token: Optional[str] = None,
+    protocol: int = PROTOCOL_VERSION,
+) -> Dict[str, Any]:
+    msg: Dict[str, Any] = {"type": "hello", "id": id, "protocol": protocol, "client": client}
     if token is not None:
         msg["token"] = token
     return msg
 
 
-def layout_request(width, height, channels, sample="f32", encoding="srgb", alpha=None,
-                   stride=None):
-    # type: (int, int, int, str, str, Optional[bool], Optional[int]) -> Dict[str, Any]
+def layout_request(
+    width: int,
+    height: int,
+    channels: int,
+    sample: str = "f32",
+    encoding: str = "srgb",
+    alpha: Optional[bool] = None,
+    stride: Optional[int] = None,
+) -> Dict[str, Any]:
     """The ``layout`` of an ``alloc``. ``alpha`` defaults to True for 2 or 4 channels; a
     missing ``stride`` means tightly packed rows."""
     if alpha is None:
         alpha = channels in (2, 4)
-    lay = {"width": int(width), "height": int(height), "channels": int(channels),
-           "sample": sample}  # type: Dict[str, Any]
+    lay: Dict[str, Any] = {"width": int(width), "height": int(height),
+                           "channels": int(channels), "sample": sample}
     if stride is not None:
         lay["stride"] = int(stride)
     lay["encoding"] = encoding
@@ -44,14 +56,21 @@ def layout_request(width, height, channels, sample="f32", encoding="srgb", alpha
     return lay
 
 
-def alloc(id, width, height, channels, sample="f32", encoding="srgb", alpha=None, stride=None):
-    # type: (int, int, int, int, str, str, Optional[bool], Optional[int]) -> Dict[str, Any]
+def alloc(
+    id: int,
+    width: int,
+    height: int,
+    channels: int,
+    sample: str = "f32",
+    encoding: str = "srgb",
+    alpha: Optional[bool] = None,
+    stride: Optional[int] = None,
+) -> Dict[str, Any]:
     return {"type": "alloc", "id": id,
             "layout": layout_request(width, height, channels, sample, encoding, alpha, stride)}
 
 
-def buffer_ref(buf_or_id):
-    # type: (Any) -> str
+def buffer_ref(buf_or_id: Any) -> str:
     """A buffer's id from a :class:`Buffer`, or the given id or path string."""
     if isinstance(buf_or_id, Buffer):
         return buf_or_id.id
@@ -60,14 +79,20 @@ def buffer_ref(buf_or_id):
     raise TypeError("expected a Buffer or a buffer id, not %r" % (buf_or_id,))
 
 
-def release(id, buffer):
-    # type: (int, Any) -> Dict[str, Any]
+def release(id: int, buffer: Any) -> Dict[str, Any]:
     return {"type": "release", "id": id, "buffer": buffer_ref(buffer)}
 
 
-def submit(id, model, scale, input, params=None, plugin=None, output_sample=None):
-    # type: (int, str, int, Any, Optional[Dict[str, Any]], Optional[str], Optional[str]) -> Dict[str, Any]
-    msg = {"type": "submit", "id": id}  # type: Dict[str, Any]
+def submit(
+    id: int,
+    model: str,
+    scale: int,
+    input: Any,
+    params: Optional[Dict[str, Any]] = None,
+    plugin: Optional[str] = None,
+    output_sample: Optional[str] = None,
+) -> Dict[str, Any]:
+    msg: Dict[str, Any] = {"type": "submit", "id": id}
     if plugin is not None:
         msg["plugin"] = plugin
     msg["model"] = model
@@ -79,18 +104,15 @@ def submit(id, model, scale, input, params=None, plugin=None, output_sample=None
     return msg
 
 
-def cancel(id, job):
-    # type: (int, int) -> Dict[str, Any]
+def cancel(id: int, job: int) -> Dict[str, Any]:
     return {"type": "cancel", "id": id, "job": int(job)}
 
 
-def list_(id):
-    # type: (int) -> Dict[str, Any]
+def list_(id: int) -> Dict[str, Any]:
     return {"type": "list", "id": id}
 
 
-def ping(id):
-    # type: (int) -> Dict[str, Any]
+def ping(id: int) -> Dict[str, Any]:
     return {"type": "ping", "id": id}
 
 
@@ -108,16 +130,14 @@ BUILDERS = {
 
 # -- events ---------------------------------------------------------------------------------
 
-def parse_buffer(event):
-    # type: (Dict[str, Any]) -> Buffer
+def parse_buffer(event: Dict[str, Any]) -> Buffer:
     """The (unmapped) buffer of an ``allocated`` event."""
     if "buffer" not in event:
         raise TesseraError("bad_reply", "`allocated` without a buffer: %r" % (event,))
     return Buffer.from_info(event["buffer"])
 
 
-def parse_layers(event):
-    # type: (Dict[str, Any]) -> List[Layer]
+def parse_layers(event: Dict[str, Any]) -> List[Layer]:
     """The layers of a ``result`` event, bottom first, with unmapped buffers."""
     layers = event.get("layers")
     if not isinstance(layers, list):
@@ -125,8 +145,7 @@ def parse_layers(event):
     return [Layer.from_info(info) for info in layers]
 
 
-def raise_if_error(event):
-    # type: (Dict[str, Any]) -> Dict[str, Any]
+def raise_if_error(event: Dict[str, Any]) -> Dict[str, Any]:
     """Raises :class:`TesseraError` for an ``error`` event; returns any other unchanged."""
     if event.get("type") == "error":
         raise TesseraError.from_event(event)

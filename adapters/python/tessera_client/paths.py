@@ -1,6 +1,8 @@
 """Where the daemon lives: runtime directory, socket, token file, executable. These must agree
 with tesserad's own choices. Environment variables that are set but empty count as unset."""
 
+from __future__ import annotations
+
 import os
 import shutil
 import subprocess
@@ -15,14 +17,12 @@ SOCKET_NAME = "tesserad.sock"
 LOG_NAME = "tesserad.log"
 
 
-def _env(name, environ=None):
-    # type: (str, Optional[Dict[str, str]]) -> Optional[str]
+def _env(name: str, environ: Optional[Dict[str, str]] = None) -> Optional[str]:
     value = (os.environ if environ is None else environ).get(name)
     return value if value else None
 
 
-def _uid():
-    # type: () -> str
+def _uid() -> str:
     getuid = getattr(os, "getuid", None)
     if getuid is not None:
         return str(getuid())
@@ -30,8 +30,7 @@ def _uid():
     return getpass.getuser()
 
 
-def runtime_dir():
-    # type: () -> str
+def runtime_dir() -> str:
     """``$TESSERA_RUNTIME_DIR``, else ``$XDG_RUNTIME_DIR/tessera``, else
     ``<temp dir>/tessera-<uid>``."""
     explicit = _env("TESSERA_RUNTIME_DIR")
@@ -40,36 +39,40 @@ def runtime_dir():
     xdg = _env("XDG_RUNTIME_DIR")
     if xdg:
         return os.path.join(xdg, "tessera")
-    return os.path.join(tempfile.gettempdir(), "tessera-" + _uid())
+    return os.path.join(_temp_dir(), "tessera-" + _uid())
 
 
-def socket_path():
-    # type: () -> str
+def _temp_dir() -> str:
+    """The temp dir exactly as tesserad (Rust's ``std::env::temp_dir``) finds it on Unix:
+    ``$TMPDIR``, else ``/tmp``. ``tempfile.gettempdir()`` also reads TEMP and TMP and skips
+    unwritable folders, so it could name another directory than the daemon's."""
+    if os.name == "nt":
+        return tempfile.gettempdir()
+    return os.environ.get("TMPDIR") or "/tmp"
+
+
+def socket_path() -> str:
     """``$TESSERA_SOCKET``, else ``<runtime dir>/tesserad.sock``."""
     return _env("TESSERA_SOCKET") or os.path.join(runtime_dir(), SOCKET_NAME)
 
 
-def log_path():
-    # type: () -> str
+def log_path() -> str:
     """Where an autostarted daemon's output goes: ``<runtime dir>/tesserad.log``."""
     return os.path.join(runtime_dir(), LOG_NAME)
 
 
-def config_dir():
-    # type: () -> str
+def config_dir() -> str:
     """``$XDG_CONFIG_HOME/tessera``, else ``~/.config/tessera``."""
     base = _env("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
     return os.path.join(base, "tessera")
 
 
-def token_path():
-    # type: () -> str
+def token_path() -> str:
     """The daemon's TCP token file: ``<config dir>/token``."""
     return os.path.join(config_dir(), "token")
 
 
-def read_token():
-    # type: () -> Optional[str]
+def read_token() -> Optional[str]:
     """The TCP token: ``$TESSERA_TOKEN``, else the token file's contents (surrounding
     whitespace stripped), else None."""
     env = _env("TESSERA_TOKEN")
@@ -83,20 +86,17 @@ def read_token():
     return token or None
 
 
-def data_dir():
-    # type: () -> str
+def data_dir() -> str:
     """``$XDG_DATA_HOME/tessera``, else ``~/.local/share/tessera``."""
     base = _env("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
     return os.path.join(base, "tessera")
 
 
-def _exe_name():
-    # type: () -> str
+def _exe_name() -> str:
     return DAEMON_NAME + (".exe" if sys.platform == "win32" else "")
 
 
-def daemon_search_dirs():
-    # type: () -> List[str]
+def daemon_search_dirs() -> List[str]:
     """The folders :func:`find_daemon` looks in before ``PATH``, in order."""
     dirs = []
     bin_dir = _env("TESSERA_BIN_DIR")
@@ -106,13 +106,11 @@ def daemon_search_dirs():
     return dirs
 
 
-def _is_executable(path):
-    # type: (str) -> bool
+def _is_executable(path: str) -> bool:
     return os.path.isfile(path) and os.access(path, os.X_OK)
 
 
-def find_daemon():
-    # type: () -> str
+def find_daemon() -> str:
     """The path of the ``tesserad`` executable: in ``$TESSERA_BIN_DIR``, then in
     ``<$XDG_DATA_HOME or ~/.local/share>/tessera/bin``, then on ``PATH``.
 
@@ -139,25 +137,22 @@ def find_daemon():
     )
 
 
-def start_daemon(exe=None, socket=None):
-    # type: (Optional[str], Optional[str]) -> subprocess.Popen
+def start_daemon(exe: Optional[str] = None,
+                 socket: Optional[str] = None) -> subprocess.Popen[bytes]:
     """Starts ``tesserad`` detached from this process (own session, no stdin, output appended
     to :func:`log_path`), with this process's environment. When ``socket`` is given it is
     passed on as ``$TESSERA_SOCKET`` so the daemon listens where the caller will connect."""
     if exe is None:
         exe = find_daemon()
-    run_dir = runtime_dir()
-    os.makedirs(run_dir, mode=0o700, exist_ok=True)
+    os.makedirs(runtime_dir(), mode=0o700, exist_ok=True)
     env = dict(os.environ)
     if socket is not None:
         env["TESSERA_SOCKET"] = socket
-    kwargs = {}  # type: Dict[str, object]
-    if sys.platform == "win32":
-        kwargs["creationflags"] = getattr(subprocess, "CREATE_NEW_PROCESS_GROUP", 0) | getattr(
-            subprocess, "DETACHED_PROCESS", 0)
-    else:
-        kwargs["start_new_session"] = True
     with open(log_path(), "ab") as log:
-        return subprocess.Popen(  # type: ignore[call-overload]
-            [exe], stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env, close_fds=True,
-            **kwargs)
+        if sys.platform == "win32":
+            flags = (getattr(subprocess, "CREATE_NEW_PROCESS_GROUP", 0)
+                     | getattr(subprocess, "DETACHED_PROCESS", 0))
+            return subprocess.Popen([exe], stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                                    env=env, close_fds=True, creationflags=flags)
+        return subprocess.Popen([exe], stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                                env=env, close_fds=True, start_new_session=True)

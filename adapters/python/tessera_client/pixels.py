@@ -6,14 +6,15 @@ Samples are native-endian (all supported platforms are little-endian); integer s
 them except ``"e"`` (f16) before Python 3.12.
 """
 
+from __future__ import annotations
+
 from typing import Any, Dict
 
 _SAMPLE_BYTES = {"u8": 1, "u16": 2, "f16": 2, "f32": 4}
 _STRUCT_FORMAT = {"u8": "B", "u16": "H", "f16": "e", "f32": "f"}
 
 
-def sample_bytes(sample):
-    # type: (str) -> int
+def sample_bytes(sample: str) -> int:
     """Bytes of one sample: u8 1, u16 2, f16 2, f32 4."""
     try:
         return _SAMPLE_BYTES[sample]
@@ -21,35 +22,30 @@ def sample_bytes(sample):
         raise ValueError("unknown sample type %r (known: u8, u16, f16, f32)" % (sample,)) from None
 
 
-def is_integer(sample):
-    # type: (str) -> bool
+def is_integer(sample: str) -> bool:
     """Whether samples are integers (u8, u16), where residual layers are stored as 0.5 + R."""
     sample_bytes(sample)
     return sample in ("u8", "u16")
 
 
-def struct_format(sample):
-    # type: (str) -> str
+def struct_format(sample: str) -> str:
     """The ``struct``/``array`` code of one sample: B, H, e or f."""
     sample_bytes(sample)
     return _STRUCT_FORMAT[sample]
 
 
-def row_bytes(layout):
-    # type: (Dict[str, Any]) -> int
+def row_bytes(layout: Dict[str, Any]) -> int:
     """Bytes of one row's pixels, without stride padding."""
     return int(layout["width"]) * int(layout["channels"]) * sample_bytes(layout["sample"])
 
 
-def stride(layout):
-    # type: (Dict[str, Any]) -> int
+def stride(layout: Dict[str, Any]) -> int:
     """Bytes from one row to the next (tightly packed when the layout gives none)."""
     s = layout.get("stride")
     return row_bytes(layout) if s is None else int(s)
 
 
-def byte_len(layout):
-    # type: (Dict[str, Any]) -> int
+def byte_len(layout: Dict[str, Any]) -> int:
     """Bytes a buffer of this layout holds: every row's stride but the last, which needs only
     its pixels (the daemon's ``Layout::byte_len``)."""
     height = int(layout["height"])

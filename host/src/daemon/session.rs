@@ -208,6 +208,15 @@ impl Session {
         let mut buffers = self.shared.buffers.lock();
         let input = buffers.resolve(self.client, &s.input).map_err(|e| buffer_error(id, e))?;
         let (input_id, input_spec) = (input.info.id.clone(), BufSpec { path: input.info.path.clone(), layout: input.info.layout });
+        // A client can truncate its own buffer file; the worker would then fault reading it.
+        let file_len = std::fs::metadata(&input_spec.path).map(|m| m.len()).unwrap_or(0);
+        if file_len < input_spec.layout.byte_len() {
+            return Err(err(
+                ErrorCode::BadLayout,
+                format!("buffer `{input_id}` holds {file_len} bytes but its layout needs {}", input_spec.layout.byte_len()),
+            )
+            .with_hint("do not resize buffer files; release the buffer and alloc a new one"));
+        }
         let out_layout = input_spec.layout.scaled(s.scale, sample);
         out_layout.validate(&self.shared.config.limits).map_err(|e| {
             let mut r = layout_error(id, e);

@@ -31,7 +31,22 @@ pub fn decode_row(sample: SampleType, row: &[u8], out: &mut [f32]) {
     }
 }
 
-/// Converts f32 values to one row of samples, adding `offset` first. Integer samples are
+/// Converts f32 values to one row of samples, adding `offset` to colour channels first (a
+/// residual's alpha is plain coverage, never offset). Integer samples are rounded to nearest
+/// and clamped; floats are stored as they are.
+pub fn encode_pixels(layout: &Layout, offset: f32, values: &[f32], row: &mut [u8]) {
+    if offset == 0.0 || !layout.alpha {
+        return encode_row(layout.sample, offset, values, row);
+    }
+    let c = layout.channels as usize;
+    let b = layout.sample.bytes();
+    for (px, out) in values.chunks_exact(c).zip(row.chunks_exact_mut(c * b)) {
+        encode_row(layout.sample, offset, &px[..c - 1], &mut out[..(c - 1) * b]);
+        encode_row(layout.sample, 0.0, &px[c - 1..], &mut out[(c - 1) * b..]);
+    }
+}
+
+/// Converts f32 values to samples, adding `offset` to every value first. Integer samples are
 /// rounded to nearest and clamped; floats are stored as they are.
 pub fn encode_row(sample: SampleType, offset: f32, values: &[f32], row: &mut [u8]) {
     match sample {
@@ -133,7 +148,7 @@ impl<'a> ImageMut<'a> {
     pub fn write_row(&mut self, y: usize, values: &[f32]) {
         let start = y * self.layout.stride as usize;
         let row = &mut self.data[start..start + self.layout.row_bytes() as usize];
-        encode_row(self.layout.sample, self.offset, values, row);
+        encode_pixels(&self.layout, self.offset, values, row);
     }
     /// Disjoint bands of `rows` rows each (the last may be shorter), top to bottom.
     pub fn bands(&mut self, rows: usize) -> Vec<Band<'_>> {
@@ -168,7 +183,7 @@ impl Band<'_> {
     pub fn write_row(&mut self, dy: usize, values: &[f32]) {
         let start = dy * self.layout.stride as usize;
         let row = &mut self.data[start..start + self.layout.row_bytes() as usize];
-        encode_row(self.layout.sample, self.offset, values, row);
+        encode_pixels(&self.layout, self.offset, values, row);
     }
 }
 
@@ -199,6 +214,15 @@ mod tests {
         // A residual of −0.25 stored with offset 0.5 → 0.25 → 64 (63.75 rounds up).
         encode_row(SampleType::U8, 0.5, &[-0.25], &mut row[..1]);
         assert_eq!(row[0], 64);
+    }
+
+    #[test]
+    fn residual_offset_spares_alpha() {
+        let mut layout = Layout::tight(2, 1, 2, SampleType::U8);
+        layout.alpha = true;
+        let mut row = [0u8; 4];
+        encode_pixels(&layout, 0.5, &[-0.5, 1.0, 0.25, 0.0], &mut row);
+        assert_eq!(row, [0, 255, 191, 0]);
     }
 
     #[test]

@@ -1,0 +1,87 @@
+"""Start and stop a real tesserad for the tests, in a runtime directory of its own."""
+
+import os
+import signal
+import socket
+import subprocess
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def bin_dir():
+    """Where the built binaries are: $TESSERA_BIN_DIR, else cargo's debug directory."""
+    return os.environ.get("TESSERA_BIN_DIR") or os.path.join(ROOT, "target", "debug")
+
+
+def exe(name):
+    path = os.path.join(bin_dir(), name)
+    if not os.access(path, os.X_OK):
+        raise RuntimeError("%s is not built: run `cargo build --workspace` first" % path)
+    return path
+
+
+class Daemon(object):
+    """A running tesserad. `args` are extra command-line flags (limits, --listen...)."""
+
+    def __init__(self, runtime, args=(), env=None):
+        self.runtime = str(runtime)
+        self.socket = os.path.join(self.runtime, "tesserad.sock")
+        self.buffers = os.path.join(self.runtime, "buffers")
+        self.log_path = os.path.join(self.runtime, "tesserad.log")
+        self.env = dict(os.environ, TESSERA_RUNTIME_DIR=self.runtime, TESSERA_LOG="debug")
+        self.env.pop("TESSERA_SOCKET", None)
+        self.env.update(env or {})
+        os.makedirs(self.runtime, exist_ok=True)
+        self._log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen([exe("tesserad")] + list(args), env=self.env,
+                                     stdin=subprocess.DEVNULL, stdout=self._log, stderr=self._log)
+        deadline = time.time() + 20
+        while not self._accepts():
+            if self.proc.poll() is not None or time.time() > deadline:
+                raise RuntimeError("tesserad did not start:\n" + self.log())
+            time.sleep(0.02)
+
+    def _accepts(self):
+        s = socket.socket(socket.AF_UNIX)
+        try:
+            s.connect(self.socket)
+            return True
+        except OSError:
+            return False
+        finally:
+            s.close()
+
+    def log(self):
+        with open(self.log_path, "rb") as f:
+            return f.read().decode("utf-8", "replace")
+
+    def client(self, **kw):
+        from tessera_client import Client
+        kw.setdefault("autostart", False)
+        return Client.connect(socket=self.socket, **kw)
+
+    def stop(self, sig=signal.SIGTERM, timeout=20):
+        """Stops the daemon and returns its exit code."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+        return self.proc.returncode
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()
+
+
+def raw_socket(path, timeout=10.0):
+    s = socket.socket(socket.AF_UNIX)
+    s.settimeout(timeout)
+    s.connect(path)
+    return s

@@ -1,0 +1,275 @@
+"""tesserad end to end: the real daemon, driven by the real Python client.
+
+Two clients at once, a 4000×3000 job through shared memory, parity of the classic engine with
+Pillow, cancel, a worker killed mid-job, SIGTERM clean-up, and the buffer lifecycle.
+"""
+
+import os
+import signal
+import threading
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from harness import Daemon
+from tessera_client import TesseraError
+
+DTYPES = {"u8": np.uint8, "u16": np.uint16, "f16": np.float16, "f32": np.float32}
+
+
+@pytest.fixture
+def daemon(tmp_path):
+    d = Daemon(tmp_path / "rt")
+    yield d
+    d.stop()
+
+
+def as_array(buf):
+    """A buffer's pixels as an (h, w, c) array view (tight layouts only)."""
+    lay = buf.layout
+    arr = np.frombuffer(buf.view, dtype=DTYPES[lay["sample"]], count=lay["width"] * lay["height"] * lay["channels"])
+    return arr.reshape(lay["height"], lay["width"], lay["channels"])
+
+
+def upload(client, pixels, sample, alpha=None, encoding="srgb"):
+    h, w, c = pixels.shape
+    buf = client.alloc(w, h, c, sample=sample, alpha=alpha, encoding=encoding)
+    as_array(buf)[...] = pixels.astype(DTYPES[sample])
+    return buf
+
+
+def pillow_float(plane, size, filt):
+    """Pillow's resampling of one f32 plane (mode F: double-precision coefficients)."""
+    return np.asarray(Image.fromarray(plane.astype(np.float32)).resize(size, filt), dtype=np.float64)
+
+
+FILTERS = {"bicubic": Image.Resampling.BICUBIC, "lanczos3": Image.Resampling.LANCZOS}
+
+
+@pytest.mark.parametrize("filt", ["bicubic", "lanczos3"])
+@pytest.mark.parametrize("scale", [2, 3, 4])
+def test_classic_matches_pillow_in_float(daemon, filt, scale):
+    rng = np.random.default_rng(scale)
+    src = rng.random((23, 37, 3)).astype(np.float32)
+    with daemon.client() as c:
+        buf = upload(c, src, "f32")
+        (layer,) = c.submit("classic", scale, buf, params={"filter": filt}).wait(timeout=60)
+        assert layer.role == "base" and layer.blend == "normal" and layer.offset == 0
+        out = as_array(layer.buffer).astype(np.float64)
+        assert out.shape == (23 * scale, 37 * scale, 3)
+        for ch in range(3):
+            ref = pillow_float(src[:, :, ch], (37 * scale, 23 * scale), FILTERS[filt])
+            assert np.abs(out[:, :, ch] - ref).max() <= 1e-5
+
+
+def test_alpha_is_resampled_apart_with_premultiplied_colour(daemon):
+    rng = np.random.default_rng(7)
+    src = rng.random((19, 29, 4)).astype(np.float32)
+    src[:, :10, 3] = 0.0  # a transparent stripe whose colour must not bleed
+    with daemon.client() as c:
+        buf = upload(c, src, "f32")
+        (layer,) = c.submit("classic", 2, buf, params={"filter": "bicubic"}).wait(timeout=60)
+        out = as_array(layer.buffer).astype(np.float64)
+    size = (58, 38)
+    alpha = np.clip(pillow_float(src[:, :, 3], size, FILTERS["bicubic"]), 0, 1)
+    assert np.abs(out[:, :, 3] - alpha).max() <= 1e-5
+    for ch in range(3):
+        premul = pillow_float(src[:, :, ch] * src[:, :, 3], size, FILTERS["bicubic"])
+        with np.errstate(divide="ignore", invalid="ignore"):
+            ref = np.where(alpha > 1 / 65536, np.clip(premul / alpha, 0, 1), 0.0)
+        assert np.abs(out[:, :, ch] - ref).max() <= 1e-4
+
+
+@pytest.mark.parametrize("sample", ["u8", "u16", "f16"])
+def test_every_sample_type_in_and_out(daemon, sample):
+    rng = np.random.default_rng(3)
+    top = {"u8": 255, "u16": 65535}.get(sample, 1.0)
+    src = rng.random((16, 24, 2)) * top
+    with daemon.client() as c:
+        buf = upload(c, src, sample)
+        (layer,) = c.submit("classic", 1, buf, output_sample=sample).wait(timeout=60)
+        # ×1 is an exact copy, in any sample type.
+        assert np.array_equal(as_array(layer.buffer), as_array(buf))
+
+
+def test_two_clients_and_a_4000x3000_job(daemon):
+    """A 4000×3000 RGB ×2 job through shared memory while a second client keeps working."""
+    rng = np.random.default_rng(1)
+    h, w = 3000, 4000
+    yy, xx = np.mgrid[0:h, 0:w]
+    src = ((np.sin(xx / 37.0) * np.cos(yy / 23.0) + 1) * 110 + rng.integers(0, 30, (h, w))).astype(np.uint8)
+    src = np.stack([src, src[::-1], src[:, ::-1]], axis=-1)
+    other_results = []
+
+    def second_client():
+        with daemon.client(client="second") as c2:
+            for _ in range(5):
+                c2.ping()
+                small = upload(c2, rng.random((8, 8, 3)), "f32")
+                other_results.append(c2.submit("classic", 2, small).wait(timeout=120)[0].buffer.layout["width"])
+
+    with daemon.client(client="first") as c1:
+        buf = upload(c1, src, "u8")
+        job = c1.submit("classic", 2, buf, output_sample="u8")
+        t = threading.Thread(target=second_client)
+        t.start()
+        progress = []
+        (layer,) = job.wait(progress=progress.append, timeout=300)
+        t.join(120)
+        assert other_results == [16] * 5
+        assert len(progress) >= 2 and progress[-1]["done"] == progress[-1]["total"]
+        out = as_array(layer.buffer)
+        assert out.shape == (6000, 8000, 3)
+        # Reference: Pillow's float path, rounded once (its 8-bit path rounds and clips
+        # between the two passes, which we deliberately do not).
+        for ch in range(3):
+            ref = pillow_float(src[:, :, ch], (8000, 6000), FILTERS["lanczos3"])
+            ref = np.clip(np.floor(ref + 0.5), 0, 255)
+            assert np.abs(out[:, :, ch].astype(int) - ref.astype(int)).max() <= 1
+        c1.release(layer)
+        c1.release(buf)
+
+
+def big_job(client, side=2400):
+    """A job that runs long enough (tens of bands) to be interrupted."""
+    src = np.random.default_rng(5).integers(0, 255, (side, side, 3), dtype=np.uint8)
+    buf = upload(client, src, "u8")
+    return buf, client.submit("classic", 4, buf, output_sample="u8")
+
+
+def first_progress(job, timeout=60):
+    for ev in job.events(timeout=timeout):
+        if ev["type"] == "progress" and ev["done"] >= 1:
+            return ev
+    raise AssertionError("the job finished before it could be interrupted")
+
+
+def test_cancel_running_and_queued_jobs(daemon):
+    with daemon.client() as c:
+        buf, running = big_job(c)
+        small = upload(c, np.zeros((4, 4, 3)), "f32")
+        queued = c.submit("classic", 2, small)
+        assert queued.position == 1
+        queued.cancel()
+        with pytest.raises(TesseraError) as e:
+            queued.wait(timeout=10)
+        assert e.value.code == "cancelled"
+
+        ev = first_progress(running)
+        assert ev["done"] < ev["total"]
+        t0 = time.monotonic()
+        running.cancel()
+        with pytest.raises(TesseraError) as e:
+            running.wait(timeout=30)
+        assert e.value.code == "cancelled"
+        # Stops within one band (a few hundred ms here), not at the end of the job.
+        assert time.monotonic() - t0 < 5
+        with pytest.raises(TesseraError) as e:
+            running.cancel()
+        assert e.value.code == "unknown_job"
+        # The cancelled jobs' outputs are gone; the input stays usable.
+        assert sorted(os.listdir(daemon.buffers)) == sorted(
+            os.path.basename(b.path) for b in (buf, small))
+        (layer,) = c.submit("classic", 2, small).wait(timeout=30)
+        assert layer.buffer.layout["width"] == 8
+
+
+def test_killed_worker_fails_its_job_and_is_restarted(daemon):
+    with daemon.client(client="bystander") as other, daemon.client(client="victim") as c:
+        worker = c.list()["workers"][0]
+        assert worker["state"] == "idle" and worker["restarts"] == 0
+        buf, job = big_job(c)
+        first_progress(job)
+        os.kill(worker["pid"], signal.SIGKILL)
+        with pytest.raises(TesseraError) as e:
+            job.wait(timeout=30)
+        assert e.value.code == "worker_crashed"
+        assert "died" in e.value.message and "signal 9" in e.value.message
+        # No client was disconnected, a new worker took over, and the next job succeeds.
+        other.ping()
+        deadline = time.time() + 10
+        while True:
+            w = c.list()["workers"][0]
+            if w["pid"] not in (None, worker["pid"]) and w["state"] == "idle" or time.time() > deadline:
+                break
+            time.sleep(0.05)
+        assert w["restarts"] == 1 and w["pid"] != worker["pid"]
+        (layer,) = c.submit("classic", 2, buf, output_sample="u8").wait(timeout=120)
+        assert layer.buffer.layout["width"] == 4800
+
+
+def test_disconnect_deletes_the_clients_buffers_only(daemon):
+    with daemon.client() as keeper:
+        kept = keeper.alloc(8, 8, 3)
+        c = daemon.client()
+        gone = c.alloc(8, 8, 3)
+        assert os.path.exists(gone.path)
+        c.close()
+        deadline = time.time() + 5
+        while os.path.exists(gone.path) and time.time() < deadline:
+            time.sleep(0.02)
+        assert not os.path.exists(gone.path)
+        assert os.path.exists(kept.path)
+        keeper.ping()
+
+
+def test_buffers_are_private(daemon):
+    with daemon.client() as c:
+        buf = c.alloc(4, 4, 1, sample="u8")
+        assert os.stat(daemon.runtime).st_mode & 0o777 == 0o700
+        assert os.stat(daemon.buffers).st_mode & 0o777 == 0o700
+        assert os.stat(daemon.socket).st_mode & 0o777 == 0o600
+        assert os.stat(buf.path).st_mode & 0o777 == 0o600
+
+
+def test_sigterm_cancels_jobs_and_removes_socket_and_buffers(tmp_path):
+    d = Daemon(tmp_path / "rt")
+    c = d.client()
+    buf, job = big_job(c)
+    first_progress(job)
+    assert d.stop(signal.SIGTERM) == 0
+    with pytest.raises(TesseraError) as e:
+        job.wait(timeout=10)
+    assert e.value.code in ("shutting_down", "disconnected")
+    assert not os.path.exists(d.socket)
+    assert not os.path.exists(d.buffers)
+    c.close()
+
+
+def test_python_client_starts_the_daemon(tmp_path, monkeypatch):
+    from harness import bin_dir
+    from tessera_client import Client
+    runtime = str(tmp_path / "auto")
+    monkeypatch.setenv("TESSERA_RUNTIME_DIR", runtime)
+    monkeypatch.setenv("TESSERA_BIN_DIR", bin_dir())
+    c = Client.connect(autostart=True, timeout=30)
+    try:
+        assert "classic" in [p["id"] for p in c.welcome["plugins"]]
+        pid = c.list()["workers"][0]["pid"]
+        assert pid
+    finally:
+        c.close()
+        # The daemon outlives its client; stop it the way a user would.
+        daemon_pids = [int(p) for p in os.listdir("/proc") if p.isdigit()
+                       and _cmdline(p).startswith(os.path.join(bin_dir(), "tesserad"))
+                       and os.environ.get("TESSERA_RUNTIME_DIR") != runtime and _env_has(p, runtime)]
+        for p in daemon_pids:
+            os.kill(p, signal.SIGTERM)
+
+
+def _cmdline(pid):
+    try:
+        with open("/proc/%s/cmdline" % pid, "rb") as f:
+            return f.read().split(b"\0")[0].decode()
+    except OSError:
+        return ""
+
+
+def _env_has(pid, runtime):
+    try:
+        with open("/proc/%s/environ" % pid, "rb") as f:
+            return ("TESSERA_RUNTIME_DIR=" + runtime).encode() in f.read().split(b"\0")
+    except OSError:
+        return False
