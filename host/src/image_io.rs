@@ -13,8 +13,13 @@ pub struct Pixels {
 }
 
 pub fn load(path: &std::path::Path) -> anyhow::Result<Pixels> {
-    let img = image::ImageReader::open(path)?.with_guessed_format()?.decode()
-        .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))?;
+    let cannot = |e: &dyn std::fmt::Display| anyhow::anyhow!("cannot read {}: {e}", path.display());
+    let img = image::ImageReader::open(path)
+        .map_err(|e| cannot(&e))?
+        .with_guessed_format()
+        .map_err(|e| cannot(&e))?
+        .decode()
+        .map_err(|e| cannot(&e))?;
     let (channels, sample, img) = match img {
         DynamicImage::ImageLuma8(_) => (1, SampleType::U8, img),
         DynamicImage::ImageLumaA8(_) => (2, SampleType::U8, img),
@@ -60,19 +65,14 @@ fn color_type(layout: &Layout) -> anyhow::Result<ExtendedColorType> {
     })
 }
 
-/// Encodes an integer buffer as PNG (big-endian samples, as PNG wants).
+/// Encodes an integer buffer as PNG. Samples stay native-endian: the encoder converts 16-bit
+/// samples to PNG's big-endian order itself.
 pub fn write_png(out: impl Write, layout: &Layout, data: &[u8]) -> anyhow::Result<()> {
     let ct = color_type(layout)?;
-    let mut packed = Vec::with_capacity(layout.row_bytes() as usize * layout.height as usize);
+    let row = layout.row_bytes() as usize;
+    let mut packed = Vec::with_capacity(row * layout.height as usize);
     for y in 0..layout.height as usize {
-        let row = &data[y * layout.stride as usize..][..layout.row_bytes() as usize];
-        if layout.sample == SampleType::U16 {
-            for s in row.chunks_exact(2) {
-                packed.extend_from_slice(&u16::from_ne_bytes([s[0], s[1]]).to_be_bytes());
-            }
-        } else {
-            packed.extend_from_slice(row);
-        }
+        packed.extend_from_slice(&data[y * layout.stride as usize..][..row]);
     }
     let enc = image::codecs::png::PngEncoder::new_with_quality(
         out,

@@ -1,0 +1,125 @@
+"""`tessera upscale` as a user runs it: the ORA it writes opens as the layer contract says."""
+
+import io
+import os
+import subprocess
+import xml.etree.ElementTree as ET
+import zipfile
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from harness import ROOT, Daemon, exe
+from pngio import read_png as decode_png, write_png
+
+SAMPLE = os.path.join(ROOT, "docs", "sample", "chelsea.png")
+
+
+@pytest.fixture(scope="module")
+def daemon(tmp_path_factory):
+    d = Daemon(tmp_path_factory.mktemp("cli") / "rt")
+    yield d
+    d.stop()
+
+
+def tessera(daemon, *args):
+    return subprocess.run([exe("tessera"), "--socket", daemon.socket, "--no-start"] + list(args),
+                          capture_output=True, text=True, timeout=300)
+
+
+def pillow_reference(img, size, filt=Image.Resampling.LANCZOS, top=255):
+    """Pillow's float resampling per channel, rounded once."""
+    arr = np.asarray(img, dtype=np.float64)
+    if arr.ndim == 2:
+        arr = arr[:, :, None]
+    out = [np.asarray(Image.fromarray(arr[:, :, c].astype(np.float32)).resize(size, filt), dtype=np.float64)
+           for c in range(arr.shape[2])]
+    return np.clip(np.floor(np.stack(out, -1) + 0.5), 0, top)
+
+
+def read_png(zf, name):
+    return Image.open(io.BytesIO(zf.read(name)))
+
+
+def test_upscale_writes_an_openraster_file(daemon, tmp_path):
+    out = tmp_path / "chelsea_x4.ora"
+    pngs = tmp_path / "png"
+    r = tessera(daemon, "upscale", SAMPLE, "-o", str(out), "--scale", "4", "--png-dir", str(pngs))
+    assert r.returncode == 0, r.stderr
+    assert "640×480" in r.stderr
+    with zipfile.ZipFile(out) as zf:
+        first = zf.infolist()[0]
+        assert first.filename == "mimetype" and first.compress_type == zipfile.ZIP_STORED
+        assert zf.read("mimetype") == b"image/openraster"
+        names = set(zf.namelist())
+        assert {"stack.xml", "data/base.png", "mergedimage.png", "Thumbnails/thumbnail.png"} <= names
+        root = ET.fromstring(zf.read("stack.xml"))
+        assert (root.get("w"), root.get("h")) == ("640", "480")
+        group = root.find("stack").find("stack")
+        assert group.get("name") == "Tessera ×4 classic · chelsea"
+        (layer,) = group.findall("layer")
+        assert layer.get("name") == "Tessera ×4 · base"
+        assert layer.get("composite-op") == "svg:src-over" and layer.get("src") == "data/base.png"
+        base = read_png(zf, "data/base.png")
+        assert base.size == (640, 480) and base.mode == "RGB"
+        ref = pillow_reference(Image.open(SAMPLE), (640, 480))
+        assert np.abs(np.asarray(base, dtype=np.float64) - ref).max() <= 1
+        # With the base alone, the composite is the base.
+        assert np.array_equal(np.asarray(read_png(zf, "mergedimage.png")), np.asarray(base))
+        assert max(read_png(zf, "Thumbnails/thumbnail.png").size) <= 256
+    assert sorted(os.listdir(pngs)) == ["base.png", "composite.png"]
+
+
+def test_sixteen_bit_input_with_alpha(daemon, tmp_path):
+    rng = np.random.default_rng(2)
+    rgba = (rng.random((12, 16, 4)) * 65535).astype(np.uint16)
+    rgba[..., 3] = 65535
+    src = tmp_path / "in16.png"
+    write_png(src, rgba)
+    out = tmp_path / "g.ora"
+    r = tessera(daemon, "upscale", str(src), "-o", str(out), "--scale", "2", "--param", "filter=bicubic")
+    assert r.returncode == 0, r.stderr
+    with zipfile.ZipFile(out) as zf:
+        base = decode_png(zf.read("data/base.png"))
+    assert base.shape == (24, 32, 4) and base.dtype == np.uint16
+    # Opaque everywhere, so colour is plain resampling: Pillow's float path at 16 bits.
+    exact = np.stack([np.asarray(Image.fromarray((rgba[..., ch] / 65535.0).astype(np.float32))
+                                 .resize((32, 24), Image.Resampling.BICUBIC), dtype=np.float64) for ch in range(3)], -1)
+    assert np.abs(base[..., :3] - np.clip(np.floor(exact * 65535 + 0.5), 0, 65535)).max() <= 1
+    assert (base[..., 3] == 65535).all()
+
+
+def test_rgba_input_keeps_alpha(daemon, tmp_path):
+    rng = np.random.default_rng(4)
+    rgba = rng.integers(0, 256, (20, 24, 4), dtype=np.uint8)
+    rgba[:, :8, 3] = 0
+    src = tmp_path / "rgba.png"
+    Image.fromarray(rgba, "RGBA").save(src)
+    out = tmp_path / "rgba.ora"
+    r = tessera(daemon, "upscale", str(src), "-o", str(out), "--scale", "3")
+    assert r.returncode == 0, r.stderr
+    with zipfile.ZipFile(out) as zf:
+        base = np.asarray(read_png(zf, "data/base.png"))
+    assert base.shape == (60, 72, 4)
+    # Fully transparent input columns stay transparent well inside the stripe.
+    # Lanczos-3 reaches 3 input pixels: output columns whose window ends before input
+    # column 8 stay fully transparent.
+    assert base[:, :12, 3].max() == 0
+
+
+def test_errors_name_the_problem_and_write_nothing(daemon, tmp_path):
+    out = tmp_path / "x.ora"
+    r = tessera(daemon, "upscale", str(tmp_path / "missing.png"), "-o", str(out))
+    assert r.returncode == 1 and "missing.png" in r.stderr
+    r = tessera(daemon, "upscale", SAMPLE, "-o", str(out), "--model", "no-such-model")
+    assert r.returncode == 1 and "no-such-model" in r.stderr and "tessera models fetch" in r.stderr
+    r = tessera(daemon, "upscale", SAMPLE, "-o", str(out), "--scale", "9")
+    assert r.returncode == 1 and "scales" in r.stderr
+    assert not out.exists() and not (tmp_path / "x.ora.part").exists()
+
+
+def test_models_lists_the_installed_models(daemon):
+    r = tessera(daemon, "models")
+    assert r.returncode == 0, r.stderr
+    assert "classic" in r.stdout and "×4" in r.stdout
