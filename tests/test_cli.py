@@ -123,3 +123,36 @@ def test_models_lists_the_installed_models(daemon):
     r = tessera(daemon, "models")
     assert r.returncode == 0, r.stderr
     assert "classic" in r.stdout and "×4" in r.stdout
+
+
+@pytest.mark.parametrize("fmt,mode", [("JPEG", "RGB"), ("TIFF", "RGBA"), ("TIFF", "I;16"), ("PNG", "LA")])
+def test_reads_jpeg_tiff_and_grey(daemon, tmp_path, fmt, mode):
+    rng = np.random.default_rng(11)
+    if mode == "I;16":
+        arr = (rng.random((10, 14)) * 65535).astype(np.uint16)
+        img = Image.fromarray(arr)
+        top = 65535
+    else:
+        channels = {"RGB": 3, "RGBA": 4, "LA": 2}[mode]
+        arr = rng.integers(0, 256, (10, 14, channels), dtype=np.uint8)
+        arr[..., -1] = 255 if mode != "RGB" else arr[..., -1]
+        img = Image.fromarray(arr, mode)
+        top = 255
+    src = tmp_path / ("in." + fmt.lower())
+    # 4:4:4 JPEG: decoders differ in how they upsample chroma, which is not what this tests.
+    img.save(src, fmt, **({"quality": 95, "subsampling": 0} if fmt == "JPEG" else {}))
+    decoded = np.asarray(Image.open(src), dtype=np.float64)  # what was actually stored (JPEG is lossy)
+    if decoded.ndim == 2:
+        decoded = decoded[:, :, None]
+    out = tmp_path / "o.ora"
+    r = tessera(daemon, "upscale", str(src), "-o", str(out), "--scale", "2")
+    assert r.returncode == 0, r.stderr
+    with zipfile.ZipFile(out) as zf:
+        base = decode_png(zf.read("data/base.png")).astype(np.float64)
+    assert base.shape[:2] == (20, 28) and base.shape[2] == decoded.shape[2]
+    colour = decoded.shape[2] - (1 if mode in ("RGBA", "LA") else 0)
+    exact = np.stack([np.asarray(Image.fromarray((decoded[:, :, ch] / top).astype(np.float32))
+                                 .resize((28, 20), Image.Resampling.LANCZOS), dtype=np.float64) for ch in range(colour)], -1)
+    # JPEG decoders may also round their IDCT differently by a level or two.
+    tolerance = 3 if fmt == "JPEG" else 1
+    assert np.abs(base[..., :colour] - np.clip(np.floor(exact * top + 0.5), 0, top)).max() <= tolerance

@@ -136,3 +136,56 @@ fn thumbnail(l: &Layout, data: &[u8]) -> Vec<u8> {
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn layer<'a>(name: &str, file: &str, blend: Blend, opacity: f32, layout: Layout, data: &'a [u8]) -> OraLayer<'a> {
+        OraLayer { name: name.into(), file: file.into(), blend, opacity, layout, data }
+    }
+
+    #[test]
+    fn grain_merge_adds_the_residual_scaled_by_opacity() {
+        // One RGBA pixel: base 100, pixel detail +20 (stored 128 + 20), semantic −40 at 50 %.
+        let l = Layout::tight(1, 1, 4, SampleType::U8);
+        let base = [100u8, 100, 100, 200];
+        let pix = [148u8, 148, 148, 255];
+        let sem = [88u8, 88, 88, 255];
+        let layers = [
+            layer("b", "base", Blend::Normal, 1.0, l, &base),
+            layer("p", "pixel_detail", Blend::GrainMerge, 1.0, l, &pix),
+            layer("s", "semantic_detail", Blend::GrainMerge, 0.5, l, &sem),
+        ];
+        let out = composite(&layers);
+        // 100 + (148 − 128) = 120; then 120 + 0.5·(88 − 128) = 100. Alpha stays the base's.
+        let expect = |v: f32| ((v / 255.0) * 255.0 + 0.5) as u8;
+        assert!(out[..3].iter().all(|&v| v.abs_diff(expect(100.0)) <= 1), "{out:?}");
+        assert_eq!(out[3], 200);
+    }
+
+    #[test]
+    fn grain_merge_clamps_like_the_editors() {
+        let l = Layout::tight(1, 1, 1, SampleType::U16);
+        let base = 60000u16.to_ne_bytes();
+        let up = 60000u16.to_ne_bytes();
+        let layers = [layer("b", "base", Blend::Normal, 1.0, l, &base), layer("p", "p", Blend::GrainMerge, 1.0, l, &up)];
+        assert_eq!(u16::from_ne_bytes(composite(&layers)[..2].try_into().unwrap()), 65535);
+    }
+
+    #[test]
+    fn stack_lists_the_top_layer_first_with_escaped_names() {
+        let l = Layout::tight(2, 2, 3, SampleType::U8);
+        let d = [0u8; 12];
+        let layers = [
+            layer("Tessera ×4 · base", "base", Blend::Normal, 1.0, l, &d),
+            layer("Tessera ×4 · pixel detail", "pixel_detail", Blend::GrainMerge, 0.75, l, &d),
+        ];
+        let xml = stack_xml(2, 2, "a & <b>", &layers);
+        let pix = xml.find("pixel detail").unwrap();
+        let base = xml.find("· base").unwrap();
+        assert!(pix < base, "{xml}");
+        assert!(xml.contains("name=\"a &amp; &lt;b&gt;\""));
+        assert!(xml.contains("composite-op=\"krita:grain_merge\" opacity=\"0.750\""));
+    }
+}
