@@ -239,37 +239,31 @@ def test_sigterm_cancels_jobs_and_removes_socket_and_buffers(tmp_path):
 
 
 def test_python_client_starts_the_daemon(tmp_path, monkeypatch):
+    import socket as socketlib
+    import struct
     from harness import bin_dir
     from tessera_client import Client
-    runtime = str(tmp_path / "auto")
-    monkeypatch.setenv("TESSERA_RUNTIME_DIR", runtime)
+    monkeypatch.setenv("TESSERA_RUNTIME_DIR", str(tmp_path / "auto"))
     monkeypatch.setenv("TESSERA_BIN_DIR", bin_dir())
     c = Client.connect(autostart=True, timeout=30)
+    # The daemon outlives its client; find it through the socket and stop it as a user would.
+    peer = c._sock.getsockopt(socketlib.SOL_SOCKET, socketlib.SO_PEERCRED, struct.calcsize("3i"))
+    daemon_pid = struct.unpack("3i", peer)[0]
     try:
         assert "classic" in [p["id"] for p in c.welcome["plugins"]]
-        pid = c.list()["workers"][0]["pid"]
-        assert pid
+        assert c.list()["workers"][0]["pid"]
     finally:
         c.close()
-        # The daemon outlives its client; stop it the way a user would.
-        daemon_pids = [int(p) for p in os.listdir("/proc") if p.isdigit()
-                       and _cmdline(p).startswith(os.path.join(bin_dir(), "tesserad"))
-                       and os.environ.get("TESSERA_RUNTIME_DIR") != runtime and _env_has(p, runtime)]
-        for p in daemon_pids:
-            os.kill(p, signal.SIGTERM)
+        os.kill(daemon_pid, signal.SIGTERM)
+    deadline = time.time() + 10
+    while os.path.exists("/proc/%d" % daemon_pid) and _state(daemon_pid) != "Z" and time.time() < deadline:
+        time.sleep(0.05)
+    assert not os.path.exists(str(tmp_path / "auto" / "tesserad.sock"))
 
 
-def _cmdline(pid):
+def _state(pid):
     try:
-        with open("/proc/%s/cmdline" % pid, "rb") as f:
-            return f.read().split(b"\0")[0].decode()
+        with open("/proc/%d/stat" % pid) as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
     except OSError:
-        return ""
-
-
-def _env_has(pid, runtime):
-    try:
-        with open("/proc/%s/environ" % pid, "rb") as f:
-            return ("TESSERA_RUNTIME_DIR=" + runtime).encode() in f.read().split(b"\0")
-    except OSError:
-        return False
+        return "gone"
