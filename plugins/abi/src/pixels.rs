@@ -118,6 +118,11 @@ impl<'a> ImageRef<'a> {
     pub fn channels(&self) -> usize {
         self.layout.channels as usize
     }
+    /// Row `y`'s bytes as stored.
+    pub fn row_bytes(&self, y: usize) -> &[u8] {
+        let start = y * self.layout.stride as usize;
+        &self.data[start..start + self.layout.row_bytes() as usize]
+    }
     /// Row `y` as f32, `width * channels` values.
     pub fn read_row(&self, y: usize, out: &mut [f32]) {
         let start = y * self.layout.stride as usize;
@@ -179,6 +184,15 @@ pub struct Band<'a> {
 }
 
 impl Band<'_> {
+    /// The layout and offset rows are stored with.
+    pub fn format(&self) -> (&Layout, f32) {
+        (&self.layout, self.offset)
+    }
+    /// Writes row `y0 + dy` from bytes already in the band's layout.
+    pub fn copy_row_bytes(&mut self, dy: usize, bytes: &[u8]) {
+        let start = dy * self.layout.stride as usize;
+        self.data[start..start + self.layout.row_bytes() as usize].copy_from_slice(bytes);
+    }
     /// Writes row `y0 + dy`.
     pub fn write_row(&mut self, dy: usize, values: &[f32]) {
         let start = dy * self.layout.stride as usize;

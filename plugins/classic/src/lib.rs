@@ -106,7 +106,11 @@ pub fn upscale(input: &ImageRef<'_>, out: &mut ImageMut<'_>, filter: Filter, cal
                         break;
                     }
                     let mut band = bands[i].lock().unwrap().take().expect("each band is taken once");
-                    if identity {
+                    if identity && same_storage(&input.layout, band.format()) {
+                        for dy in 0..band.rows {
+                            band.copy_row_bytes(dy, input.row_bytes(band.y0 + dy));
+                        }
+                    } else if identity {
                         for dy in 0..band.rows {
                             input.read_row(band.y0 + dy, &mut row_in);
                             band.write_row(dy, &row_in);
@@ -144,6 +148,11 @@ pub fn upscale(input: &ImageRef<'_>, out: &mut ImageMut<'_>, filter: Filter, cal
         return Err(EngineError::Cancelled);
     }
     Ok(())
+}
+
+/// Whether rows can be copied byte for byte: same samples, channels and no offset to add.
+fn same_storage(input: &tessera_protocol::Layout, (out, offset): (&tessera_protocol::Layout, f32)) -> bool {
+    input.sample == out.sample && input.channels == out.channels && offset == 0.0
 }
 
 /// Colour is resampled premultiplied by alpha so transparent pixels' colours cannot bleed
