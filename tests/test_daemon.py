@@ -267,3 +267,21 @@ def _state(pid):
             return f.read().rsplit(")", 1)[1].split()[0]
     except OSError:
         return "gone"
+
+
+def test_an_engine_that_ignores_cancel_is_stopped_by_restarting_its_worker(tmp_path):
+    with Daemon(tmp_path / "rt", ["--cancel-grace", "1"]) as d, d.client() as c:
+        worker = c.list()["workers"][0]["pid"]
+        buf, job = big_job(c)
+        first_progress(job)
+        os.kill(worker, signal.SIGSTOP)  # a hung engine: it will never look at the cancel flag
+        t0 = time.monotonic()
+        job.cancel()
+        with pytest.raises(TesseraError) as e:
+            job.wait(timeout=30)
+        assert e.value.code == "cancelled" and "restarted" in e.value.message
+        assert time.monotonic() - t0 < 10
+        small = upload(c, np.zeros((4, 4, 3)), "f32")
+        (layer,) = c.submit("classic", 2, small).wait(timeout=30)
+        assert layer.buffer.layout["width"] == 8
+        assert c.list()["workers"][0]["pid"] != worker

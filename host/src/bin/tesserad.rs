@@ -40,6 +40,9 @@ struct Args {
     /// Most bytes of live buffers per connection, results included.
     #[arg(long)]
     max_client_bytes: Option<u64>,
+    /// Seconds a running job may take to stop after a cancel before its worker is restarted.
+    #[arg(long, default_value_t = 10.0)]
+    cancel_grace: f64,
 }
 
 #[derive(Subcommand)]
@@ -75,6 +78,7 @@ fn main() -> anyhow::Result<()> {
                 config.tcp = Some(parse_listen(&l)?);
             }
             config.allow_remote = args.allow_remote;
+            config.cancel_grace = std::time::Duration::from_secs_f64(args.cancel_grace.max(0.0));
             if !args.plugin_dirs.is_empty() {
                 config.plugin_dirs = args.plugin_dirs;
             }

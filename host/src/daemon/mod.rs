@@ -35,6 +35,8 @@ pub struct Config {
     pub limits: Limits,
     /// How long a worker may take to load its plugins and say hello.
     pub worker_start_timeout: Duration,
+    /// How long a running job may take to stop after a cancel before its worker is killed.
+    pub cancel_grace: Duration,
 }
 
 impl Default for Config {
@@ -49,6 +51,7 @@ impl Default for Config {
             plugin_dirs: default_plugin_dirs(),
             limits: Limits::default(),
             worker_start_timeout: Duration::from_secs(30),
+            cancel_grace: Duration::from_secs(10),
         }
     }
 }

@@ -48,6 +48,8 @@ pub(crate) struct QueuedJob {
 struct Running {
     job: QueuedJob,
     started: Instant,
+    /// Set when a cancel was sent: past it, the worker is killed to get the queue moving.
+    cancel_deadline: Option<Instant>,
 }
 
 struct WorkerProc {
@@ -90,6 +92,7 @@ impl Scheduler {
 
     pub fn run(mut self) {
         loop {
+            self.enforce_cancel_deadline();
             if self.shutdown.is_none() {
                 self.ensure_worker();
                 self.start_next();
@@ -131,10 +134,8 @@ impl Scheduler {
                 for job in gone {
                     self.release_job_buffers(&job, false);
                 }
-                if let Some(r) = &self.running {
-                    if r.job.client == client {
-                        self.send_worker(ToWorker::Cancel { job: r.job.job });
-                    }
+                if self.running.as_ref().is_some_and(|r| r.job.client == client) {
+                    self.cancel_running();
                 }
             }
             Sched::Worker { generation, msg } if generation == self.generation => self.from_worker(msg),
@@ -145,9 +146,7 @@ impl Scheduler {
                 for job in std::mem::take(&mut self.queue) {
                     self.finish_failed(job, ErrorCode::ShuttingDown, "tesserad is shutting down; the job was not started".into());
                 }
-                if let Some(r) = &self.running {
-                    self.send_worker(ToWorker::Cancel { job: r.job.job });
-                }
+                self.cancel_running();
                 self.shutdown = Some((done, Instant::now() + Duration::from_secs(10)));
             }
         }
@@ -162,13 +161,32 @@ impl Scheduler {
         }
         if matches!(&self.running, Some(r) if r.job.job == job && r.job.client == client) {
             self.shared.send(client, &Event::Ack { id: req });
-            self.send_worker(ToWorker::Cancel { job });
+            self.cancel_running();
             return;
         }
         self.shared.send(
             client,
             &Event::Error(ErrorReply::new(Some(req), ErrorCode::UnknownJob, format!("no unfinished job {job} on this connection"))),
         );
+    }
+
+    /// Asks the worker to stop the running job, and starts the clock on it.
+    fn cancel_running(&mut self) {
+        let grace = self.shared.config.cancel_grace;
+        let Some(r) = &mut self.running else { return };
+        let job = r.job.job;
+        r.cancel_deadline.get_or_insert(Instant::now() + grace);
+        self.send_worker(ToWorker::Cancel { job });
+    }
+
+    /// An engine that ignores the cancel flag (hung, or stuck in a driver) must not block the
+    /// queue: past the grace period its worker is killed and a new one started.
+    fn enforce_cancel_deadline(&mut self) {
+        let overdue = self.running.as_ref().and_then(|r| r.cancel_deadline).is_some_and(|d| Instant::now() > d);
+        if let (true, Some(w)) = (overdue, &mut self.worker) {
+            tracing::warn!("worker {} did not stop its job within {:?} of a cancel; killing it", w.pid, self.shared.config.cancel_grace);
+            let _ = w.child.kill();
+        }
     }
 
     fn from_worker(&mut self, msg: FromWorker) {
@@ -223,7 +241,13 @@ impl Scheduler {
         self.restarts += 1;
         if let Some(r) = self.running.take() {
             let job = r.job.job;
-            self.finish_failed(r.job, ErrorCode::WorkerCrashed, format!("the worker process died while running job {job} ({status})"));
+            if r.cancel_deadline.is_some() {
+                let code = if self.shutdown.is_some() { ErrorCode::ShuttingDown } else { ErrorCode::Cancelled };
+                let message = format!("job {job} was cancelled; its engine did not stop in time, so its worker was restarted");
+                self.finish_failed(r.job, code, message);
+            } else {
+                self.finish_failed(r.job, ErrorCode::WorkerCrashed, format!("the worker process died while running job {job} ({status})"));
+            }
         }
     }
 
@@ -264,7 +288,7 @@ impl Scheduler {
                 .map(|o| OutSpec { role: o.role, buf: BufSpec { path: o.info.path.clone(), layout: o.info.layout }, offset: o.offset })
                 .collect(),
         };
-        self.running = Some(Running { job, started: Instant::now() });
+        self.running = Some(Running { job, started: Instant::now(), cancel_deadline: None });
         // If the send fails the worker is dead; its WorkerGone fails the job.
         self.send_worker(ToWorker::Run(run));
     }
