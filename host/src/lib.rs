@@ -6,6 +6,7 @@ pub mod client;
 pub mod daemon;
 pub mod image_io;
 pub mod ipc;
+pub mod models;
 pub mod ora;
 pub mod paths;
 pub mod worker;

