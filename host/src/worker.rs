@@ -35,7 +35,8 @@ pub fn load_plugins(dirs: &[PathBuf]) -> (Vec<(Plugin, Instance)>, Vec<String>) 
         let mut paths: Vec<PathBuf> = entries.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| is_plugin_file(p)).collect();
         paths.sort();
         for path in paths {
-            match Plugin::load(&path).and_then(|p| p.instantiate(&Value::Object(Map::new())).map(|i| (p, i))) {
+            let config = serde_json::json!({ "model_store": crate::models::store::store_dir() });
+            match Plugin::load(&path).and_then(|p| p.instantiate(&config).map(|i| (p, i))) {
                 Ok((plugin, instance)) => {
                     if loaded.iter().any(|(p, _)| p.info.id == plugin.info.id) {
                         tracing::warn!("skipping {}: plugin `{}` is already loaded", path.display(), plugin.info.id);

@@ -190,6 +190,8 @@ pub enum ErrorCode {
     BufferBusy,
     UnknownPlugin,
     UnknownModel,
+    /// The engine knows the model but its weights are not in the model store.
+    ModelNotInstalled,
     UnsupportedScale,
     BadParams,
     UnknownJob,
@@ -234,6 +236,7 @@ impl ErrorCode {
             BufferBusy => "wait for the job using the buffer to finish, or cancel it",
             UnknownPlugin => "send list to see the installed plugins",
             UnknownModel => "send list to see the installed models; install others with `tessera models fetch ID`",
+            ModelNotInstalled => "install the model's weights with `tessera models fetch ID`",
             UnsupportedScale => "send list to see the scales each model supports",
             BadParams => "send list to see each model's parameters, their types and ranges",
             UnknownJob => "the job has already finished or was never submitted on this connection",

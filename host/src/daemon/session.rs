@@ -199,6 +199,16 @@ impl Session {
                 }
             }
         };
+        if crate::models::catalog::find(&model.id).is_some() {
+            let store = crate::models::store::store_dir();
+            if let Err(e) = crate::models::store::verify(&store, &model.id) {
+                return Err(err(ErrorCode::ModelNotInstalled, e.to_string()).with_hint(format!(
+                    "run `tessera models fetch {}` to install it (model store: {})",
+                    model.id,
+                    store.display()
+                )));
+            }
+        }
         if !model.scales.contains(&s.scale) {
             return Err(err(ErrorCode::UnsupportedScale, format!("model `{}` supports scales {:?}, not {}", model.id, model.scales, s.scale)));
         }
