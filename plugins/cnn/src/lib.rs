@@ -8,6 +8,7 @@
 //! `semantic_detail` = SRGAN − SRResNet. Alpha is upscaled by the classic engine, never by a
 //! network.
 
+pub mod lora;
 pub mod srresnet;
 pub mod tiling;
 

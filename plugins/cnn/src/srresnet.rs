@@ -167,7 +167,15 @@ impl SrResNet {
     }
 
     pub fn load_file(path: &std::path::Path, device: &Device) -> Result<SrResNet> {
-        SrResNet::load(&Weights(candle_core::safetensors::load(path, device)?))
+        SrResNet::load_adapted(path, &[], device)
+    }
+
+    /// Loads the weights and merges LoRA adapters (each with a strength) into them before
+    /// BatchNorm is folded: the adapted network costs nothing extra at run time.
+    pub fn load_adapted(path: &std::path::Path, adapters: &[(&crate::lora::LoraAdapter, f64)], device: &Device) -> Result<SrResNet> {
+        let mut weights = candle_core::safetensors::load(path, device)?;
+        crate::lora::merge(&mut weights, adapters)?;
+        SrResNet::load(&Weights(weights))
     }
 
     /// (N, 3, h, w) RGB in [0, 1] → (N, 3, 4h, 4w) in [0, 1].
