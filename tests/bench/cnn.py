@@ -35,7 +35,7 @@ def vm_hwm_mib(pid):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--sizes", default="128x128,256x256,1024x768")
-    ap.add_argument("--tile", type=int, default=0, help="tile side (0: the whole image in one tile when it fits 512², else 128)")
+    ap.add_argument("--tile", type=int, default=0, help="tile side (0: the engine sizes tiles from its memory budget)")
     ap.add_argument("--repeat", type=int, default=2)
     args = ap.parse_args()
     rng = np.random.default_rng(0)
@@ -45,7 +45,7 @@ def main():
         worker = c.list()["workers"][0]["pid"]
         for size in args.sizes.split(","):
             w, h = (int(v) for v in size.split("x"))
-            tile = args.tile or (max(w, h) if max(w, h) <= 512 else 128)
+            tile = args.tile  # 0: the engine sizes tiles from its memory budget
             yy, xx = np.mgrid[0:h, 0:w]
             img = (np.sin(xx / 7.0) * np.cos(yy / 5.0) + 1) / 2 * 0.8 + rng.random((h, w)) * 0.2
             pixels = np.stack([img, img[::-1], img[:, ::-1]], -1).astype(np.float32)

@@ -46,8 +46,10 @@ impl Engine for Cnn {
                 "scales": [4],
                 "layers": ["base", "pixel_detail", "semantic_detail"],
                 "parameters": [
-                    {"name": "tile", "kind": "int", "default": 128, "min": 32, "max": 4096,
-                     "description": "Tile side in input pixels: larger tiles are a little faster and need more memory (about 20 MB per 1000 input pixels)."},
+                    {"name": "tile", "kind": "int", "default": 0, "min": 0, "max": 4096,
+                     "description": "Tile side in input pixels; 0 sizes tiles from memory_mb (the whole image in one tile when it fits)."},
+                    {"name": "memory_mb", "kind": "int", "default": 1024, "min": 64, "max": 65536,
+                     "description": "Memory budget for one tile's network pass, in MiB (about 28 KiB per input pixel)."},
                     {"name": "overlap", "kind": "int", "default": 32, "min": 8, "max": 256,
                      "description": "Overlap of neighbouring tiles in input pixels, cross-faded."}
                 ],
@@ -70,8 +72,12 @@ impl Engine for Cnn {
         if job.model != SRGAN_PAIR || job.scale as usize != SCALE {
             return Err(EngineError::Failed(format!("cnn has no model `{}` at ×{}", job.model, job.scale)));
         }
-        let tile = job.params.get("tile").and_then(Value::as_u64).unwrap_or(128) as usize;
-        let overlap = job.params.get("overlap").and_then(Value::as_u64).unwrap_or(32) as usize;
+        let int = |name: &str, default: u64| job.params.get(name).and_then(Value::as_u64).unwrap_or(default) as usize;
+        let overlap = int("overlap", 32);
+        let tile = match int("tile", 0) {
+            0 => tile_for_budget(job.input.width(), job.input.height(), int("memory_mb", 1024), overlap),
+            t => t,
+        };
         if self.pair.is_none() {
             job.calls.progress(0, 1, "loading");
             self.pair = Some(load_pair(&self.store.join(SRGAN_PAIR), &self.device).map_err(EngineError::Failed)?);
@@ -87,6 +93,32 @@ impl Engine for Cnn {
 }
 
 export_plugin!(Cnn);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tiles_follow_the_memory_budget() {
+        // 1 GiB holds 37449 tile pixels: a 160×120 image goes in one tile, a large one in 193².
+        assert_eq!(tile_for_budget(160, 120, 1024, 32), 160);
+        assert_eq!(tile_for_budget(4000, 3000, 1024, 32), 193);
+        assert_eq!(tile_for_budget(4000, 3000, 64, 32), 80);
+    }
+}
+
+/// Peak memory of one network pass per input pixel of a tile, measured on SRResNet ×4 with
+/// the worker's high-water mark (tests/bench/cnn.py: 490 MiB at 128², 159 MiB at 64²).
+const BYTES_PER_TILE_PIXEL: usize = 28 << 10;
+
+/// The largest tile side whose pass fits `memory_mb`: the whole image when it fits.
+fn tile_for_budget(width: usize, height: usize, memory_mb: usize, overlap: usize) -> usize {
+    let pixels = (memory_mb << 20) / BYTES_PER_TILE_PIXEL;
+    if width * height <= pixels {
+        return width.max(height);
+    }
+    ((pixels as f64).sqrt() as usize).max(2 * overlap + 16)
+}
 
 fn load_pair(dir: &Path, device: &Device) -> Result<(SrResNet, SrResNet), String> {
     let load = |name: &str| {

@@ -49,15 +49,16 @@ impl Conv {
         let (n, _, h, w) = x.dims4()?;
         let (o, _, k, _) = self.weight.dims4()?;
         let p = self.padding as isize;
-        let z = x.conv2d(pointwise, 0, 1, 1, 1)?.flatten_all()?.to_vec1::<f32>()?;
         let mut out = vec![0f32; n * o * h * w];
         let plane = h * w;
-        for b in 0..n {
-            for oc in 0..o {
+        // One output channel at a time: k² planes of intermediate instead of o·k².
+        for oc in 0..o {
+            let z = x.conv2d(&pointwise.narrow(0, oc * k * k, k * k)?, 0, 1, 1, 1)?.flatten_all()?.to_vec1::<f32>()?;
+            for b in 0..n {
                 let dst = &mut out[(b * o + oc) * plane..][..plane];
                 for ky in 0..k {
                     for kx in 0..k {
-                        let src = &z[((b * o + oc) * k * k + ky * k + kx) * plane..][..plane];
+                        let src = &z[(b * k * k + ky * k + kx) * plane..][..plane];
                         let dy = ky as isize - p;
                         let dx = kx as isize - p;
                         // Rows and columns where (y + dy, x + dx) is inside the image.
