@@ -285,3 +285,14 @@ def test_an_engine_that_ignores_cancel_is_stopped_by_restarting_its_worker(tmp_p
         (layer,) = c.submit("classic", 2, small).wait(timeout=30)
         assert layer.buffer.layout["width"] == 8
         assert c.list()["workers"][0]["pid"] != worker
+
+
+def test_an_on_demand_daemon_exits_when_idle(tmp_path):
+    d = Daemon(tmp_path / "rt", ["--idle-exit", "1"])
+    with d.client() as c:
+        time.sleep(1.5)  # a connected client keeps it alive
+        assert c.ping()["type"] == "pong"
+    d.proc.wait(timeout=10)
+    assert d.proc.returncode == 0
+    assert not os.path.exists(d.socket) and not os.path.exists(d.buffers)
+    d.stop()

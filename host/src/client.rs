@@ -185,6 +185,9 @@ pub fn daemon_exe() -> PathBuf {
     PathBuf::from("tesserad")
 }
 
+/// How long a daemon started by a client waits, with no clients and no jobs, before it exits.
+pub const AUTOSTART_IDLE_EXIT_SECS: &str = "600";
+
 fn start_daemon(socket: &Path) -> Result<UnixStream, ClientError> {
     let exe = daemon_exe();
     let runtime = socket.parent().unwrap_or(Path::new("."));
@@ -193,6 +196,8 @@ fn start_daemon(socket: &Path) -> Result<UnixStream, ClientError> {
     Command::new(&exe)
         .arg("--socket")
         .arg(socket)
+        // Started on demand, so it should not outlive its use by long.
+        .args(["--idle-exit", AUTOSTART_IDLE_EXIT_SECS])
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log)

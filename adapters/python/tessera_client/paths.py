@@ -137,6 +137,11 @@ def find_daemon() -> str:
     )
 
 
+# A daemon started on demand exits after this many seconds with no clients and no jobs, so none
+# lingers after the editor closes (the same figure as the tessera command line's).
+AUTOSTART_IDLE_EXIT_SECS = "600"
+
+
 def start_daemon(exe: Optional[str] = None,
                  socket: Optional[str] = None) -> subprocess.Popen[bytes]:
     """Starts ``tesserad`` detached from this process (own session, no stdin, output appended
@@ -148,11 +153,12 @@ def start_daemon(exe: Optional[str] = None,
     env = dict(os.environ)
     if socket is not None:
         env["TESSERA_SOCKET"] = socket
+    argv = [exe, "--idle-exit", AUTOSTART_IDLE_EXIT_SECS]
     with open(log_path(), "ab") as log:
         if sys.platform == "win32":
             flags = (getattr(subprocess, "CREATE_NEW_PROCESS_GROUP", 0)
                      | getattr(subprocess, "DETACHED_PROCESS", 0))
-            return subprocess.Popen([exe], stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+            return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                                     env=env, close_fds=True, creationflags=flags)
-        return subprocess.Popen([exe], stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+        return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                                 env=env, close_fds=True, start_new_session=True)

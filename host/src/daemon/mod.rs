@@ -37,6 +37,9 @@ pub struct Config {
     pub worker_start_timeout: Duration,
     /// How long a running job may take to stop after a cancel before its worker is killed.
     pub cancel_grace: Duration,
+    /// Exit after this long with no client connected and no job: for daemons that clients
+    /// start on demand, so none lingers after the editor is closed.
+    pub idle_exit: Option<Duration>,
 }
 
 impl Default for Config {
@@ -52,6 +55,7 @@ impl Default for Config {
             limits: Limits::default(),
             worker_start_timeout: Duration::from_secs(30),
             cancel_grace: Duration::from_secs(10),
+            idle_exit: None,
         }
     }
 }
@@ -206,6 +210,9 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         });
     }
     install_signal_handlers(shared.clone())?;
+    if let Some(after) = config.idle_exit {
+        watch_idle(shared.clone(), after);
+    }
 
     for stream in listener.incoming() {
         match stream {
@@ -228,23 +235,45 @@ fn install_signal_handlers(shared: Arc<Shared>) -> anyhow::Result<()> {
     let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT])?;
     std::thread::spawn(move || {
         if let Some(sig) = signals.forever().next() {
-            tracing::info!("signal {sig}: cancelling jobs and shutting down");
-            // No new connections from here on.
-            let _ = std::fs::remove_file(&shared.config.socket);
-            let (done_tx, done_rx) = mpsc::channel();
-            shared.schedule(Sched::Shutdown(done_tx));
-            let _ = done_rx.recv_timeout(Duration::from_secs(20));
-            // Let the connection threads flush the shutdown errors they were handed.
-            for tx in shared.clients.lock().values() {
-                let _ = tx.send(Outgoing::Close);
-            }
-            std::thread::sleep(Duration::from_millis(100));
-            let mut buffers = shared.buffers.lock();
-            buffers.remove_all();
-            let _ = std::fs::remove_dir(buffers.dir());
-            tracing::info!("tesserad stopped");
-            std::process::exit(0);
+            shutdown(&shared, &format!("signal {sig}"));
         }
     });
     Ok(())
+}
+
+/// Exits once no client has been connected and no job queued or running for `after`.
+fn watch_idle(shared: Arc<Shared>, after: Duration) {
+    std::thread::spawn(move || {
+        let mut idle_since: Option<std::time::Instant> = None;
+        loop {
+            std::thread::sleep(Duration::from_millis(250));
+            let busy = !shared.clients.lock().is_empty()
+                || shared.workers.lock().iter().any(|w| w.queued > 0 || w.state == tessera_protocol::WorkerState::Busy);
+            if busy {
+                idle_since = None;
+            } else if idle_since.get_or_insert_with(std::time::Instant::now).elapsed() >= after {
+                shutdown(&shared, &format!("idle for {after:?}"));
+            }
+        }
+    });
+}
+
+/// Cancels the jobs, stops the worker, removes the socket and every buffer, and exits.
+fn shutdown(shared: &Shared, reason: &str) -> ! {
+    tracing::info!("{reason}: cancelling jobs and shutting down");
+    // No new connections from here on.
+    let _ = std::fs::remove_file(&shared.config.socket);
+    let (done_tx, done_rx) = mpsc::channel();
+    shared.schedule(Sched::Shutdown(done_tx));
+    let _ = done_rx.recv_timeout(Duration::from_secs(20));
+    // Let the connection threads flush the shutdown errors they were handed.
+    for tx in shared.clients.lock().values() {
+        let _ = tx.send(Outgoing::Close);
+    }
+    std::thread::sleep(Duration::from_millis(100));
+    let mut buffers = shared.buffers.lock();
+    buffers.remove_all();
+    let _ = std::fs::remove_dir(buffers.dir());
+    tracing::info!("tesserad stopped");
+    std::process::exit(0);
 }
