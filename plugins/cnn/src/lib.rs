@@ -86,9 +86,7 @@ impl Engine for Cnn {
         let rgb = to_rgb_planes(&job.input);
         let (w, h) = (job.input.width(), job.input.height());
         let tiles = Tiled { width: w, height: h, tile, overlap };
-        let sr_pix = tiles.run(pix_net, &rgb, &self.device, &job.calls, 0, "srresnet")?;
-        let sr_gan = tiles.run(gan_net, &rgb, &self.device, &job.calls, 1, "srgan")?;
-        write_layers(job, &sr_pix, &sr_gan)
+        tiles.run([pix_net, gan_net], &rgb, &self.device, job)
     }
 }
 
@@ -152,32 +150,72 @@ struct Tiled {
     overlap: usize,
 }
 
+/// Output rows `y0 .. y0 + rows` still being accumulated: both networks' RGB planes and the
+/// tiles' weight sum. It spans one row of tiles, so memory follows the tile size and the image
+/// width, never the image's area.
+struct Strip {
+    y0: usize,
+    rows: usize,
+    width: usize,
+    nets: [Vec<f32>; 2],
+    wsum: Vec<f32>,
+}
+
+impl Strip {
+    /// Grows the strip to end at output row `end`.
+    fn extend_to(&mut self, end: usize) {
+        if end <= self.y0 + self.rows {
+            return;
+        }
+        let rows = end - self.y0;
+        for net in &mut self.nets {
+            // Planes are row-major per channel: re-lay them for the new height.
+            let mut grown = vec![0f32; 3 * rows * self.width];
+            for ch in 0..3 {
+                let old = &net[ch * self.rows * self.width..(ch + 1) * self.rows * self.width];
+                grown[ch * rows * self.width..ch * rows * self.width + old.len()].copy_from_slice(old);
+            }
+            *net = grown;
+        }
+        self.wsum.resize(rows * self.width, 0.0);
+        self.rows = rows;
+    }
+
+    /// Drops the first `n` rows (already written out).
+    fn advance(&mut self, n: usize) {
+        let rows = self.rows - n;
+        for net in &mut self.nets {
+            let mut kept = vec![0f32; 3 * rows * self.width];
+            for ch in 0..3 {
+                let from = ch * self.rows * self.width + n * self.width;
+                kept[ch * rows * self.width..(ch + 1) * rows * self.width].copy_from_slice(&net[from..from + rows * self.width]);
+            }
+            *net = kept;
+        }
+        self.wsum.drain(..n * self.width);
+        self.y0 += n;
+        self.rows = rows;
+    }
+}
+
 impl Tiled {
-    /// Runs `net` tile by tile over RGB planes (3 × h × w) and returns the ×4 planes, the tiles
-    /// cross-faded. Progress counts tiles of both passes; cancel is checked before each tile.
-    fn run(
-        &self,
-        net: &SrResNet,
-        rgb: &[f32],
-        device: &Device,
-        calls: &tessera_plugin_abi::plugin::HostCalls<'_>,
-        pass: u64,
-        stage: &str,
-    ) -> Result<Vec<f32>, EngineError> {
+    /// Runs both networks tile by tile, cross-fading the tiles, and writes the layers a row of
+    /// tiles at a time, as soon as no later tile can touch them. Progress counts network
+    /// passes; cancel is checked before each.
+    fn run(&self, nets: [&SrResNet; 2], rgb: &[f32], device: &Device, job: &mut Job<'_>) -> Result<(), EngineError> {
         let (w, h) = (self.width, self.height);
-        let (ow, oh) = (w * SCALE, h * SCALE);
+        let ow = w * SCALE;
         let xs = tiling::windows(w, self.tile, self.overlap);
         let ys = tiling::windows(h, self.tile, self.overlap);
         let total = 2 * (xs.len() * ys.len()) as u64;
-        let mut acc = vec![0f32; 3 * ow * oh];
-        let mut wsum = vec![0f32; ow * oh];
-        let fail = |e: candle_core::Error| EngineError::Failed(format!("{stage}: {e}"));
+        let mut done = 0u64;
+        let mut strip = Strip { y0: 0, rows: 0, width: ow, nets: [Vec::new(), Vec::new()], wsum: Vec::new() };
+        let mut writer = LayerWriter::new(job);
+        const STAGES: [&str; 2] = ["srresnet", "srgan"];
         for (j, wy) in ys.iter().enumerate() {
             let weights_y = tiling::weights(&ys, j, SCALE);
+            strip.extend_to(wy.end * SCALE);
             for (i, wx) in xs.iter().enumerate() {
-                calls.check_cancel()?;
-                let done = pass * total / 2 + (j * xs.len() + i) as u64;
-                calls.progress(done, total, stage);
                 let (tw, th) = (wx.end - wx.start, wy.end - wy.start);
                 let mut crop = Vec::with_capacity(3 * tw * th);
                 for ch in 0..3 {
@@ -186,62 +224,82 @@ impl Tiled {
                         crop.extend_from_slice(&rgb[row + wx.start..row + wx.end]);
                     }
                 }
-                let x = Tensor::from_vec(crop, (1, 3, th, tw), device).map_err(fail)?;
-                let y = net.forward(&x).map_err(fail)?.flatten_all().map_err(fail)?.to_vec1::<f32>().map_err(fail)?;
                 let weights_x = tiling::weights(&xs, i, SCALE);
                 let (tow, toh) = (tw * SCALE, th * SCALE);
-                for ty in 0..toh {
-                    let oy = wy.start * SCALE + ty;
-                    for tx in 0..tow {
-                        let wgt = weights_x[tx] * weights_y[ty];
-                        let ox = wx.start * SCALE + tx;
-                        wsum[oy * ow + ox] += wgt;
-                        for ch in 0..3 {
-                            acc[ch * ow * oh + oy * ow + ox] += wgt * y[ch * toh * tow + ty * tow + tx];
+                for (n, net) in nets.iter().enumerate() {
+                    job.calls.check_cancel()?;
+                    job.calls.progress(done, total, STAGES[n]);
+                    let fail = |e: candle_core::Error| EngineError::Failed(format!("{}: {e}", STAGES[n]));
+                    let x = Tensor::from_vec(crop.clone(), (1, 3, th, tw), device).map_err(fail)?;
+                    let y = net.forward(&x).map_err(fail)?.flatten_all().map_err(fail)?.to_vec1::<f32>().map_err(fail)?;
+                    let acc = &mut strip.nets[n];
+                    let plane = strip.rows * ow;
+                    for ty in 0..toh {
+                        let sy = wy.start * SCALE + ty - strip.y0;
+                        for tx in 0..tow {
+                            let wgt = weights_x[tx] * weights_y[ty];
+                            let sx = wx.start * SCALE + tx;
+                            if n == 0 {
+                                strip.wsum[sy * ow + sx] += wgt;
+                            }
+                            for ch in 0..3 {
+                                acc[ch * plane + sy * ow + sx] += wgt * y[ch * toh * tow + ty * tow + tx];
+                            }
                         }
                     }
+                    done += 1;
                 }
             }
+            // Rows above the next tile row's first are final.
+            let final_end = ys.get(j + 1).map_or(h * SCALE, |next| next.start * SCALE);
+            let n = final_end - strip.y0;
+            writer.write(job, &strip, n)?;
+            strip.advance(n);
         }
-        for ch in 0..3 {
-            for (a, s) in acc[ch * ow * oh..(ch + 1) * ow * oh].iter_mut().zip(&wsum) {
-                *a /= s;
-            }
-        }
-        Ok(acc)
+        job.calls.progress(total, total, "done");
+        Ok(())
     }
 }
 
-/// Writes base, pixel detail and semantic detail, row by row, into the host's outputs.
-fn write_layers(job: &mut Job<'_>, sr_pix: &[f32], sr_gan: &[f32]) -> Result<(), EngineError> {
-    let Job { input, outputs, calls, .. } = job;
-    let layout = input.layout;
-    let c = layout.channels as usize;
-    let colour = c - layout.alpha as usize;
-    let (ow, oh) = (input.width() * SCALE, input.height() * SCALE);
-    let plane = ow * oh;
-    let resampler = Resampler::new(&layout, ow, oh, Filter::Bicubic);
-    let mut scratch = Scratch::default();
-    let mut pix_row = vec![0f32; ow * c];
-    let mut sem_row = vec![0f32; ow * c];
-    let band = 64;
-    for y0 in (0..oh).step_by(band) {
-        calls.check_cancel()?;
-        let rows = band.min(oh - y0);
-        resampler.band(input, y0, rows, &mut scratch, |dy, base| {
-            let y = y0 + dy;
+/// Writes base, pixel detail and semantic detail into the host's outputs, strip by strip.
+struct LayerWriter {
+    resampler: Resampler,
+    scratch: Scratch,
+}
+
+impl LayerWriter {
+    fn new(job: &Job<'_>) -> LayerWriter {
+        let l = job.input.layout;
+        let resampler = Resampler::new(&l, l.width as usize * SCALE, l.height as usize * SCALE, Filter::Bicubic);
+        LayerWriter { resampler, scratch: Scratch::default() }
+    }
+
+    /// Writes the strip's first `rows` rows (normalising the tiles' weights).
+    fn write(&mut self, job: &mut Job<'_>, strip: &Strip, rows: usize) -> Result<(), EngineError> {
+        let Job { input, outputs, .. } = job;
+        let layout = input.layout;
+        let c = layout.channels as usize;
+        let colour = c - layout.alpha as usize;
+        let ow = strip.width;
+        let plane = strip.rows * ow;
+        let mut pix_row = vec![0f32; ow * c];
+        let mut sem_row = vec![0f32; ow * c];
+        self.resampler.band(input, strip.y0, rows, &mut self.scratch, |dy, base| {
+            let y = strip.y0 + dy;
             for x in 0..ow {
-                let at = y * ow + x;
+                let at = dy * ow + x;
+                let wsum = strip.wsum[at];
                 // The network's RGB; a grey document takes its mean.
                 let sample = |src: &[f32], ch: usize| {
-                    if colour >= 3 {
+                    let v = if colour >= 3 {
                         src[ch * plane + at]
                     } else {
                         (src[at] + src[plane + at] + src[2 * plane + at]) / 3.0
-                    }
+                    };
+                    v / wsum
                 };
                 for ch in 0..colour {
-                    let (p, g) = (sample(sr_pix, ch), sample(sr_gan, ch));
+                    let (p, g) = (sample(&strip.nets[0], ch), sample(&strip.nets[1], ch));
                     pix_row[x * c + ch] = p - base[x * c + ch];
                     sem_row[x * c + ch] = g - p;
                 }
@@ -258,6 +316,6 @@ fn write_layers(job: &mut Job<'_>, sr_pix: &[f32], sr_gan: &[f32]) -> Result<(),
                 }
             }
         });
+        Ok(())
     }
-    Ok(())
 }
