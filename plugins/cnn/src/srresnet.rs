@@ -94,17 +94,102 @@ impl PRelu {
     }
 }
 
+/// Activations kept channels-last and zero-padded between the residual body's 3×3
+/// convolutions: a (h+3)·(w+2) × C matrix (one pixel of padding around, plus a spare row), so a
+/// 3×3 convolution is nine matmuls over contiguous row ranges, about three times as fast as
+/// candle's conv2d on this shape (56-73 vs 23 GMAC/s on 2 threads: examples/conv_nhwc.rs).
+#[derive(Clone)]
+struct Padded {
+    t: Tensor,
+    h: usize,
+    w: usize,
+}
+
+impl Padded {
+    fn from_nchw(x: &Tensor) -> Result<Padded> {
+        let (_, c, h, w) = x.dims4()?;
+        let t = x.pad_with_zeros(2, 1, 2)?.pad_with_zeros(3, 1, 1)?.permute((0, 2, 3, 1))?.contiguous()?.reshape(((h + 3) * (w + 2), c))?;
+        Ok(Padded { t, h, w })
+    }
+
+    fn to_nchw(&self) -> Result<Tensor> {
+        let c = self.t.dim(1)?;
+        self.t
+            .reshape((self.h + 3, self.w + 2, c))?
+            .narrow(0, 1, self.h)?
+            .narrow(1, 1, self.w)?
+            .permute((2, 0, 1))?
+            .unsqueeze(0)?
+            .contiguous()
+    }
+
+    fn add(&self, other: &Padded) -> Result<Padded> {
+        Ok(Padded { t: (&self.t + &other.t)?, h: self.h, w: self.w })
+    }
+}
+
+/// A 3×3 convolution on [`Padded`] activations: nine (C × O) matrices and a bias.
+struct ConvCl {
+    taps: Vec<Tensor>,
+    bias: Tensor,
+}
+
+impl ConvCl {
+    fn from(conv: &Conv) -> Result<ConvCl> {
+        let (o, _, k, _) = conv.weight.dims4()?;
+        if k != 3 {
+            candle_core::bail!("channels-last path is for 3×3 convolutions");
+        }
+        let taps = (0..9)
+            .map(|t| conv.weight.narrow(2, t / 3, 1)?.narrow(3, t % 3, 1)?.squeeze(3)?.squeeze(2)?.t()?.contiguous())
+            .collect::<Result<Vec<_>>>()?;
+        Ok(ConvCl { taps, bias: conv.bias.reshape((1, o))? })
+    }
+
+    /// `mask` (h·(w+2) × 1) zeroes the two junk columns each output row computes.
+    fn forward(&self, x: &Padded, mask: &Tensor) -> Result<Padded> {
+        let (h, w) = (x.h, x.w);
+        let m = h * (w + 2);
+        let mut acc: Option<Tensor> = None;
+        for (t, tap) in self.taps.iter().enumerate() {
+            let part = x.t.narrow(0, (t / 3) * (w + 2) + t % 3, m)?.matmul(tap)?;
+            acc = Some(match acc {
+                Some(a) => (a + part)?,
+                None => part,
+            });
+        }
+        let out = acc.expect("nine taps").broadcast_add(&self.bias)?.broadcast_mul(mask)?;
+        // Output pixel (y, x) sits at row y·(w+2) + x; in the padded layout it belongs at
+        // (y+1)·(w+2) + x + 1, so the whole block moves down by w + 3 rows.
+        let o = out.dim(1)?;
+        let dev = &out.device().clone();
+        let t = Tensor::cat(
+            &[Tensor::zeros((w + 3, o), DType::F32, dev)?, out, Tensor::zeros((2 * w + 3, o), DType::F32, dev)?],
+            0,
+        )?;
+        Ok(Padded { t, h, w })
+    }
+}
+
+/// PReLU on channels-last rows: α (1 × C); zero padding stays zero.
+fn prelu_cl(x: &Padded, alpha: &Tensor) -> Result<Padded> {
+    let zeros = x.t.zeros_like()?;
+    let t = (x.t.maximum(&zeros)? + x.t.minimum(&zeros)?.broadcast_mul(alpha)?)?;
+    Ok(Padded { t, h: x.h, w: x.w })
+}
+
 struct Block {
-    conv1: Conv,
-    prelu: PRelu,
-    conv2: Conv,
+    conv1: ConvCl,
+    /// (1, C)
+    alpha: Tensor,
+    conv2: ConvCl,
 }
 
 pub struct SrResNet {
     conv_first: Conv,
     prelu_first: PRelu,
     body: Vec<Block>,
-    conv_body: Conv,
+    conv_body: ConvCl,
     conv_up1: Conv,
     prelu_up1: PRelu,
     conv_up2: Conv,
@@ -143,14 +228,22 @@ impl Weights {
     }
 }
 
+/// 1 for the w real pixels of each padded-width row, 0 for its two junk columns.
+fn junk_column_mask(h: usize, w: usize, device: &Device) -> Result<Tensor> {
+    let row: Vec<f32> = (0..w + 2).map(|x| if x < w { 1.0 } else { 0.0 }).collect();
+    Tensor::from_vec(row.repeat(h), (h * (w + 2), 1), device)
+}
+
 impl SrResNet {
     pub fn load(weights: &Weights) -> Result<SrResNet> {
         let body = (0..16)
             .map(|i| {
+                let alpha = weights.prelu(&format!("body.{i}.prelu"))?.alpha;
+                let c = alpha.elem_count();
                 Ok(Block {
-                    conv1: weights.conv(&format!("body.{i}.conv1"), Some(&format!("body.{i}.bn1")))?,
-                    prelu: weights.prelu(&format!("body.{i}.prelu"))?,
-                    conv2: weights.conv(&format!("body.{i}.conv2"), Some(&format!("body.{i}.bn2")))?,
+                    conv1: ConvCl::from(&weights.conv(&format!("body.{i}.conv1"), Some(&format!("body.{i}.bn1")))?)?,
+                    alpha: alpha.reshape((1, c))?,
+                    conv2: ConvCl::from(&weights.conv(&format!("body.{i}.conv2"), Some(&format!("body.{i}.bn2")))?)?,
                 })
             })
             .collect::<Result<Vec<_>>>()?;
@@ -158,7 +251,7 @@ impl SrResNet {
             conv_first: weights.conv("conv_first", None)?,
             prelu_first: weights.prelu("prelu_first")?,
             body,
-            conv_body: weights.conv("conv_body", Some("bn_body"))?,
+            conv_body: ConvCl::from(&weights.conv("conv_body", Some("bn_body"))?)?,
             conv_up1: weights.conv("conv_up1", None)?,
             prelu_up1: weights.prelu("prelu_up1")?,
             conv_up2: weights.conv("conv_up2", None)?,
@@ -193,13 +286,15 @@ impl SrResNet {
         };
         let x1 = self.prelu_first.forward(&self.conv_first.forward(x)?)?;
         lap("conv_first");
-        let mut h = x1.clone();
+        let p1 = Padded::from_nchw(&x1)?;
+        let mask = junk_column_mask(p1.h, p1.w, x.device())?;
+        let mut h = p1.clone();
         for b in &self.body {
-            let t = b.prelu.forward(&b.conv1.forward(&h)?)?;
-            h = (h + b.conv2.forward(&t)?)?;
+            let t = prelu_cl(&b.conv1.forward(&h, &mask)?, &b.alpha)?;
+            h = h.add(&b.conv2.forward(&t, &mask)?)?;
         }
+        let h = self.conv_body.forward(&h, &mask)?.add(&p1)?.to_nchw()?;
         lap("body");
-        let h = (self.conv_body.forward(&h)? + x1)?;
         let h = self.conv_up1.forward(&h)?;
         lap("conv_up1");
         let h = self.prelu_up1.forward(&candle_nn::ops::pixel_shuffle(&h, 2)?)?;
