@@ -2,7 +2,6 @@
 
 import io
 import os
-import subprocess
 import xml.etree.ElementTree as ET
 import zipfile
 
@@ -10,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from harness import ROOT, Daemon, exe
+from harness import ROOT, Daemon, tessera_cli
 from pngio import read_png as decode_png, write_png
 
 SAMPLE = os.path.join(ROOT, "docs", "sample", "chelsea.png")
@@ -25,9 +24,7 @@ def daemon(tmp_path_factory, store):
 
 
 def tessera(daemon, *args):
-    env = dict(os.environ, TESSERA_MODEL_DIR=str(daemon.store))
-    return subprocess.run([exe("tessera"), "--socket", daemon.socket, "--no-start"] + list(args),
-                          capture_output=True, text=True, timeout=600, env=env)
+    return tessera_cli(dict(os.environ, TESSERA_MODEL_DIR=str(daemon.store)), "--socket", daemon.socket, *args)
 
 
 def pillow_reference(img, size, filt=Image.Resampling.LANCZOS, top=255):

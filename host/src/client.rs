@@ -109,7 +109,7 @@ impl Client {
             let ev = self.events.recv().map_err(|_| ClientError::Disconnected)??;
             match ev {
                 Event::Error(e) if e.id == Some(id) || e.id.is_none() => return Err(ClientError::Daemon(e)),
-                ev if event_id(&ev) == Some(id) => return Ok(ev),
+                ev if ev.id() == Some(id) => return Ok(ev),
                 _ => {}
             }
         }
@@ -142,21 +142,6 @@ impl Client {
         let id = self.send(|id| Request::Release { id, buffer: buffer.into() })?;
         self.reply(id).map(|_| ())
     }
-}
-
-pub fn event_id(ev: &Event) -> Option<u64> {
-    Some(match ev {
-        Event::Welcome { id, .. }
-        | Event::Allocated { id, .. }
-        | Event::Released { id, .. }
-        | Event::Queued { id, .. }
-        | Event::Progress { id, .. }
-        | Event::Result { id, .. }
-        | Event::Ack { id }
-        | Event::Listing { id, .. }
-        | Event::Pong { id } => *id,
-        Event::Error(e) => return e.id,
-    })
 }
 
 pub fn map(info: BufferInfo) -> Result<Mapped, ClientError> {

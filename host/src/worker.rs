@@ -17,6 +17,9 @@ use tessera_plugin_abi::host::{Instance, OutputBuf, Plugin, ProcessError, Proces
 
 use crate::ipc::{FromWorker, RunJob, ToWorker};
 
+/// The job the worker is running and its cancel flag, shared with the request reader.
+type CurrentJob = Option<(u64, Arc<AtomicBool>)>;
+
 /// File names a plugin library may have in a plugin directory.
 fn is_plugin_file(path: &Path) -> bool {
     let Some(name) = path.file_name().and_then(|n| n.to_str()) else { return false };
@@ -72,7 +75,7 @@ pub fn run(ipc_name: String, plugin_dirs: Vec<PathBuf>) -> anyhow::Result<()> {
     let to_daemon = Arc::new(Mutex::new(to_daemon));
 
     // A reader thread keeps cancel responsive while the job thread is busy in a plugin.
-    let current: Arc<Mutex<Option<(u64, Arc<AtomicBool>)>>> = Arc::new(Mutex::new(None));
+    let current: Arc<Mutex<CurrentJob>> = Arc::new(Mutex::new(None));
     let cancelled_early: Arc<Mutex<HashSet<u64>>> = Arc::default();
     let (jobs_tx, jobs_rx) = mpsc::channel::<RunJob>();
     {

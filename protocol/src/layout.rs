@@ -142,7 +142,7 @@ impl Layout {
         if self.stride < self.row_bytes() {
             return Err(LayoutError::Stride { stride: self.stride, row_bytes: self.row_bytes() });
         }
-        if self.stride % self.sample.bytes() as u64 != 0 {
+        if !self.stride.is_multiple_of(self.sample.bytes() as u64) {
             return Err(LayoutError::StrideAlignment { stride: self.stride, sample: self.sample });
         }
         if self.width > limits.max_side || self.height > limits.max_side {

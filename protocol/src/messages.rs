@@ -153,6 +153,25 @@ pub const EVENT_TYPES: &[&str] = &[
     "pong",
 ];
 
+impl Event {
+    /// The request this event answers or belongs to (a job's events carry its submit's id);
+    /// `None` only for errors about a frame whose id could not be read.
+    pub fn id(&self) -> Option<u64> {
+        Some(match self {
+            Event::Welcome { id, .. }
+            | Event::Allocated { id, .. }
+            | Event::Released { id, .. }
+            | Event::Queued { id, .. }
+            | Event::Progress { id, .. }
+            | Event::Result { id, .. }
+            | Event::Ack { id }
+            | Event::Listing { id, .. }
+            | Event::Pong { id } => *id,
+            Event::Error(e) => return e.id,
+        })
+    }
+}
+
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
 pub struct ErrorReply {
     /// The request this answers, when it could be read.

@@ -138,7 +138,7 @@ impl Scheduler {
                     self.cancel_running();
                 }
             }
-            Sched::Worker { generation, msg } if generation == self.generation => self.from_worker(msg),
+            Sched::Worker { generation, msg } if generation == self.generation => self.on_worker_message(msg),
             Sched::Worker { .. } => {}
             Sched::WorkerGone { generation } if generation == self.generation => self.worker_died(),
             Sched::WorkerGone { .. } => {}
@@ -189,7 +189,7 @@ impl Scheduler {
         }
     }
 
-    fn from_worker(&mut self, msg: FromWorker) {
+    fn on_worker_message(&mut self, msg: FromWorker) {
         match msg {
             FromWorker::Hello { .. } => {}
             FromWorker::Progress { job, done, total, stage } => {

@@ -120,7 +120,7 @@ mod tests {
             .collect();
         let t = apply("k", &[h, w, i, o], H5Op::HwioToOihw, data.clone());
         assert_eq!(t.shape, [4, 2, 1, 2]);
-        assert_eq!(t.data[((3 * 2 + 1) * 1) * 2 + 1], 113.0); // o=3, i=1, x=1
+        assert_eq!(t.data[(3 * 2 + 1) * 2 + 1], 113.0); // o=3, i=1, y=0, x=1
         // With depth_to_space: C = 1, so TF channel k·1 + 0 → torch 0·4 + k: the same order.
         // With C = 2 (o = 8) channel 5 = (k 2, c 1) → 1·4 + 2 = 6.
         assert_eq!(depth_to_space(5, 8), 6);

@@ -92,19 +92,6 @@ impl Engine for Cnn {
 
 export_plugin!(Cnn);
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn tiles_follow_the_memory_budget() {
-        // 1 GiB holds 37449 tile pixels: a 160×120 image goes in one tile, a large one in 193².
-        assert_eq!(tile_for_budget(160, 120, 1024, 32), 160);
-        assert_eq!(tile_for_budget(4000, 3000, 1024, 32), 193);
-        assert_eq!(tile_for_budget(4000, 3000, 64, 32), 80);
-    }
-}
-
 /// Peak memory of one network pass per input pixel of a tile, measured on SRResNet ×4 with
 /// the worker's high-water mark (tests/bench/cnn.py: 490 MiB at 128², 159 MiB at 64²).
 const BYTES_PER_TILE_PIXEL: usize = 28 << 10;
@@ -317,5 +304,18 @@ impl LayerWriter {
             }
         });
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tiles_follow_the_memory_budget() {
+        // 1 GiB holds 37449 tile pixels: a 160×120 image goes in one tile, a large one in 193².
+        assert_eq!(tile_for_budget(160, 120, 1024, 32), 160);
+        assert_eq!(tile_for_budget(4000, 3000, 1024, 32), 193);
+        assert_eq!(tile_for_budget(4000, 3000, 64, 32), 80);
     }
 }
