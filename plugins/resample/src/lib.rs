@@ -53,6 +53,10 @@ impl Resampler {
         }
     }
 
+    pub fn out_width(&self) -> usize {
+        self.out_width
+    }
+
     /// Computes output rows `y0 .. y0 + rows` and hands each to `emit(dy, row)` as f32
     /// (`out_width × channels` values; colour unpremultiplied, alpha clamped).
     pub fn band(&self, input: &ImageRef<'_>, y0: usize, rows: usize, scratch: &mut Scratch, mut emit: impl FnMut(usize, &[f32])) {
