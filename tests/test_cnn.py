@@ -93,3 +93,20 @@ def test_missing_weights_say_which_command_installs_them(tmp_path):
             c.submit("srgan-pair", 4, buf)
         assert e.value.code == "model_not_installed"
         assert "tessera models fetch srgan-pair" in e.value.hint
+
+
+def test_deep_network_interpolation(daemon):
+    """`dni` renders semantic detail from SRResNet and SRGAN's weights interpolated at λ: at 1
+    it is SRGAN (the default), at 0 SRResNet (no semantic detail), and in between a network
+    of its own, not the opacity blend of the two outputs."""
+    src = FIXTURES["input_cat"].astype(np.float32) / 255.0
+    with daemon.client() as c:
+        default = run(c, src)
+        at = {lam: run(c, src, dni=lam) for lam in (1.0, 0.0, 0.5)}
+    assert np.array_equal(at[1.0]["semantic_detail"], default["semantic_detail"])
+    assert np.abs(at[0.0]["semantic_detail"]).max() == 0.0
+    for lam, layers in at.items():
+        assert np.array_equal(layers["pixel_detail"], default["pixel_detail"]), lam
+    half, blend = at[0.5]["semantic_detail"], 0.5 * default["semantic_detail"]
+    assert np.corrcoef(half.ravel(), blend.ravel())[0, 1] > 0.5
+    assert np.abs(half - blend).mean() > 0.1 * np.abs(blend).mean()

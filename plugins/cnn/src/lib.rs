@@ -54,7 +54,8 @@ impl Network for RrdbNet {
 
 /// A model's networks, loaded.
 enum Loaded {
-    Pair(SrResNet, SrResNet),
+    /// SRResNet, SRGAN, and the last network interpolated between them (with its λ).
+    Pair(SrResNet, SrResNet, Option<(f64, SrResNet)>),
     Single(RrdbNet),
 }
 
@@ -65,7 +66,7 @@ impl Loaded {
         };
         let srresnet = |name: &str| SrResNet::load_file(&dir.join(name), device).map_err(|e| fail(name, e));
         match model {
-            SRGAN_PAIR => Ok(Loaded::Pair(srresnet("srresnet.safetensors")?, srresnet("srgan.safetensors")?)),
+            SRGAN_PAIR => Ok(Loaded::Pair(srresnet("srresnet.safetensors")?, srresnet("srgan.safetensors")?, None)),
             _ => {
                 let name = "rrdbnet.safetensors";
                 Ok(Loaded::Single(RrdbNet::load_file(&dir.join(name), device).map_err(|e| fail(name, e))?))
@@ -73,9 +74,24 @@ impl Loaded {
         }
     }
 
-    fn networks(&self) -> Vec<(&dyn Network, &'static str)> {
+    /// Makes sure the network interpolated at `lambda` is loaded (srgan-pair only).
+    fn interpolate(&mut self, dir: &Path, lambda: f64, device: &Device) -> Result<(), String> {
+        if let Loaded::Pair(_, _, dni) = self {
+            if lambda != 1.0 && dni.as_ref().is_none_or(|(l, _)| *l != lambda) {
+                *dni = None;
+                let net = SrResNet::load_interpolated(&dir.join("srresnet.safetensors"), &dir.join("srgan.safetensors"), lambda, device)
+                    .map_err(|e| format!("cannot interpolate the srgan-pair weights: {e}"))?;
+                *dni = Some((lambda, net));
+            }
+        }
+        Ok(())
+    }
+
+    /// The networks a job runs, with their progress stage names.
+    fn networks(&self, lambda: f64) -> Vec<(&dyn Network, &'static str)> {
         match self {
-            Loaded::Pair(pix, gan) => vec![(pix as &dyn Network, "srresnet"), (gan, "srgan")],
+            Loaded::Pair(pix, _, Some((l, dni))) if *l == lambda => vec![(pix as &dyn Network, "srresnet"), (dni, "interpolated")],
+            Loaded::Pair(pix, gan, _) => vec![(pix as &dyn Network, "srresnet"), (gan, "srgan")],
             Loaded::Single(net) => vec![(net as &dyn Network, "rrdbnet")],
         }
     }
@@ -100,7 +116,7 @@ fn default_overlap(model: &str) -> usize {
 
 fn model(id: &str, name: &str, description: &str) -> Value {
     let bytes_per_pixel_kib = bytes_per_tile_pixel(id) >> 10;
-    json!({
+    let mut m = json!({
         "id": id,
         "name": name,
         "description": format!("{description} Install with `tessera models fetch {id}`."),
@@ -115,7 +131,14 @@ fn model(id: &str, name: &str, description: &str) -> Value {
              "description": "Overlap of neighbouring tiles in input pixels, cross-faded."}
         ],
         "exact_render": false
-    })
+    });
+    if id == SRGAN_PAIR {
+        m["parameters"].as_array_mut().expect("a list").push(json!(
+            {"name": "dni", "kind": "float", "default": 1.0, "min": 0.0, "max": 1.0,
+             "description": "Semantic detail from the network whose weights are interpolated between SRResNet (0) and SRGAN (1), deep network interpolation; at opacity 1 the picture is that network's. 1 is SRGAN itself."}
+        ));
+    }
+    m
 }
 
 impl Engine for Cnn {
@@ -163,7 +186,12 @@ impl Engine for Cnn {
             let loaded = Loaded::load(&job.model, &self.store.join(&job.model), &self.device).map_err(EngineError::Failed)?;
             self.loaded = Some((job.model.clone(), loaded));
         }
-        let (_, loaded) = self.loaded.as_ref().expect("loaded above");
+        let lambda = job.params.get("dni").and_then(Value::as_f64).unwrap_or(1.0).clamp(0.0, 1.0);
+        let (_, loaded) = self.loaded.as_mut().expect("loaded above");
+        if lambda != 1.0 {
+            job.calls.progress(0, 1, "interpolating weights");
+        }
+        loaded.interpolate(&self.store.join(&job.model), lambda, &self.device).map_err(EngineError::Failed)?;
         let rgb = to_rgb_planes(&job.input);
         let (w, h) = (job.input.width(), job.input.height());
         let tiles = tiled::Tiled { width: w, height: h, tile, overlap, scale: SCALE };
@@ -171,7 +199,7 @@ impl Engine for Cnn {
             Loaded::Pair(..) => Box::new(layers_out::PairDifference::new(job, SCALE)),
             Loaded::Single(_) => Box::new(layers_out::BandSplit::new(job, SCALE)),
         };
-        tiles.run(&loaded.networks(), &rgb, &self.device, out.as_mut(), job)
+        tiles.run(&loaded.networks(lambda), &rgb, &self.device, out.as_mut(), job)
     }
 }
 

@@ -82,6 +82,21 @@ impl SrResNet {
         SrResNet::load_adapted(path, &[], device)
     }
 
+    /// Deep network interpolation (Wang et al., ESRGAN §3.4): one network whose every
+    /// parameter (convolutions, BatchNorm statistics, PReLU) is `(1 − λ)·a + λ·b`. Valid for
+    /// two networks of which one was fine-tuned from the other, as SRGAN was from SRResNet.
+    pub fn load_interpolated(a: &std::path::Path, b: &std::path::Path, lambda: f64, device: &Device) -> Result<SrResNet> {
+        let wa = candle_core::safetensors::load(a, device)?;
+        let mut wb = candle_core::safetensors::load(b, device)?;
+        let mut mixed = std::collections::HashMap::with_capacity(wa.len());
+        for (key, ta) in wa {
+            let tb = wb.remove(&key).ok_or_else(|| candle_core::Error::Msg(format!("`{key}` is in {} only", a.display())))?;
+            let (ta, tb) = (ta.to_dtype(DType::F32)?, tb.to_dtype(DType::F32)?);
+            mixed.insert(key, (&ta + ((tb - &ta)? * lambda)?)?);
+        }
+        SrResNet::load(&Weights(mixed))
+    }
+
     /// Loads the weights and merges LoRA adapters (each with a strength) into them before
     /// BatchNorm is folded: the adapted network costs nothing extra at run time.
     pub fn load_adapted(path: &std::path::Path, adapters: &[(&crate::lora::LoraAdapter, f64)], device: &Device) -> Result<SrResNet> {
