@@ -5,6 +5,8 @@ use std::collections::HashMap;
 
 use candle_core::{DType, Device, Result, Tensor};
 
+use crate::winograd::{Activation, WinogradWeights};
+
 /// Keras's BatchNormalization default (the SRGAN weights were trained with it).
 pub const BN_EPS: f64 = 1e-3;
 
@@ -13,76 +15,105 @@ pub struct Conv {
     /// (1, O, 1, 1), ready to broadcast.
     pub bias: Tensor,
     padding: usize,
-    /// For a wide kernel with very few outputs, the same convolution as a 1×1 convolution to
-    /// O·k² channels and k² shifted adds (see [`Conv::shift_add`]).
-    pub pointwise: Option<Tensor>,
 }
 
 impl Conv {
     pub fn new(weight: Tensor, bias: Tensor) -> Result<Conv> {
-        let (o, i, k, _) = weight.dims4()?;
-        // im2col turns a k×k convolution with a handful of outputs into a GEMM only a few
-        // columns wide, which runs at a tenth of the speed of the others (SRResNet's final
-        // 9×9 64→3 convolution at output resolution took 5.3 of 7.2 s at 128² input).
-        let pointwise = if o <= 4 && k >= 5 {
-            Some(weight.permute((0, 2, 3, 1))?.reshape((o * k * k, i, 1, 1))?.contiguous()?)
-        } else {
-            None
-        };
-        Ok(Conv { bias: bias.reshape((1, o, 1, 1))?, padding: k / 2, weight, pointwise })
+        let (o, _, k, _) = weight.dims4()?;
+        Ok(Conv { bias: bias.reshape((1, o, 1, 1))?, padding: k / 2, weight })
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = match &self.pointwise {
-            Some(pw) => self.shift_add(x, pw)?,
-            None => x.conv2d(&self.weight, self.padding, 1, 1, 1)?,
-        };
-        y.broadcast_add(&self.bias)
-    }
-
-    /// out[o](y, x) = Σ_{ky,kx} Σ_c w[o,c,ky,kx] · in[c](y + ky − p, x + kx − p)
-    ///              = Σ_{ky,kx} z[o·k² + ky·k + kx](y + ky − p, x + kx − p), with z = pointwise(in).
-    fn shift_add(&self, x: &Tensor, pointwise: &Tensor) -> Result<Tensor> {
-        let (n, _, h, w) = x.dims4()?;
-        let (o, _, k, _) = self.weight.dims4()?;
-        let p = self.padding as isize;
-        let mut out = vec![0f32; n * o * h * w];
-        let plane = h * w;
-        // One output channel at a time: k² planes of intermediate instead of o·k².
-        for oc in 0..o {
-            let z = x.conv2d(&pointwise.narrow(0, oc * k * k, k * k)?, 0, 1, 1, 1)?.flatten_all()?.to_vec1::<f32>()?;
-            for b in 0..n {
-                let dst = &mut out[(b * o + oc) * plane..][..plane];
-                for ky in 0..k {
-                    for kx in 0..k {
-                        let src = &z[(b * k * k + ky * k + kx) * plane..][..plane];
-                        let dy = ky as isize - p;
-                        let dx = kx as isize - p;
-                        // Rows and columns where (y + dy, x + dx) is inside the image.
-                        let y_lo = (-dy).max(0) as usize;
-                        let y_hi = (h as isize - dy).min(h as isize).max(0) as usize;
-                        let x_lo = (-dx).max(0) as usize;
-                        let x_hi = (w as isize - dx).min(w as isize).max(0) as usize;
-                        for y in y_lo..y_hi {
-                            let sy = (y as isize + dy) as usize;
-                            let d = &mut dst[y * w + x_lo..y * w + x_hi];
-                            let s = &src[sy * w + (x_lo as isize + dx) as usize..][..x_hi - x_lo];
-                            for (a, b) in d.iter_mut().zip(s) {
-                                *a += b;
-                            }
-                        }
-                    }
-                }
-            }
-        }
-        Tensor::from_vec(out, (n, o, h, w), x.device())
+        x.conv2d(&self.weight, self.padding, 1, 1, 1)?.broadcast_add(&self.bias)
     }
 }
 
-/// Activations kept channels-last and zero-padded between the residual body's 3×3
-/// convolutions: a (h+3)·(w+2) × C matrix (one pixel of padding around, plus a spare row), so a
-/// 3×3 convolution is nine matmuls over contiguous row ranges, about three times as fast as
-/// candle's conv2d on this shape (56-73 vs 23 GMAC/s on 2 threads: examples/conv_nhwc.rs).
+/// A k×k convolution to a handful of outputs (an RGB image) from channels-last activations:
+/// per output pixel, k² dot products over the contiguous channels for each output. im2col
+/// would make this a GEMM a few columns wide, which ran SRResNet's final 9×9 64→3 convolution
+/// at 0.8 GMAC/s.
+pub struct ConvFew {
+    /// [ky][kx][o][c]
+    taps: Vec<f32>,
+    bias: Vec<f32>,
+    k: usize,
+    c: usize,
+    o: usize,
+}
+
+const FEW_LANES: usize = 16;
+
+/// `acc[i] += Σ_j a[j·16 + i]·b[j·16 + i]`: a dot product kept in 16 lanes.
+#[inline(always)]
+fn fma_lanes(acc: &mut [f32; FEW_LANES], a: &[f32], b: &[f32]) {
+    let (ac, bc) = (a.chunks_exact(FEW_LANES), b.chunks_exact(FEW_LANES));
+    let (ar, br) = (ac.remainder(), bc.remainder());
+    for (a, b) in ac.zip(bc) {
+        let a: &[f32; FEW_LANES] = a.try_into().expect("exact chunk");
+        let b: &[f32; FEW_LANES] = b.try_into().expect("exact chunk");
+        for i in 0..FEW_LANES {
+            acc[i] += a[i] * b[i];
+        }
+    }
+    for (i, (a, b)) in ar.iter().zip(br).enumerate() {
+        acc[i] += a * b;
+    }
+}
+
+impl ConvFew {
+    pub fn new(conv: &Conv) -> Result<ConvFew> {
+        let (o, c, k, _) = conv.weight.dims4()?;
+        if o > 4 {
+            candle_core::bail!("ConvFew is for at most 4 outputs, not {o}");
+        }
+        let taps = conv.weight.permute((2, 3, 0, 1))?.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+        Ok(ConvFew { taps, bias: conv.bias.flatten_all()?.to_vec1::<f32>()?, k, c, o })
+    }
+
+    /// (h, w, C) → (1, O, h, w), zero padding of k/2.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        use rayon::prelude::*;
+        let (h, w, c) = x.dims3()?;
+        if c != self.c {
+            candle_core::bail!("ConvFew expects {} channels, got {c}", self.c);
+        }
+        let (k, o, p) = (self.k, self.o, self.k / 2);
+        let x = x.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+        let mut out = vec![0f32; h * w * o];
+        let arch = pulp::Arch::new();
+        out.par_chunks_mut(w * o).enumerate().for_each(|(y, row)| arch.dispatch(|| {
+            for xo in 0..w {
+                let mut acc = [[0f32; FEW_LANES]; 4];
+                for ky in 0..k {
+                    let sy = y as isize + ky as isize - p as isize;
+                    if sy < 0 || sy >= h as isize {
+                        continue;
+                    }
+                    for kx in 0..k {
+                        let sx = xo as isize + kx as isize - p as isize;
+                        if sx < 0 || sx >= w as isize {
+                            continue;
+                        }
+                        let src = &x[(sy as usize * w + sx as usize) * c..][..c];
+                        let wt = &self.taps[(ky * k + kx) * o * c..][..o * c];
+                        for (oc, acc) in acc.iter_mut().enumerate().take(o) {
+                            fma_lanes(acc, src, &wt[oc * c..][..c]);
+                        }
+                    }
+                }
+                for oc in 0..o {
+                    row[xo * o + oc] = acc[oc].iter().sum::<f32>() + self.bias[oc];
+                }
+            }
+        }));
+        Tensor::from_vec(out, (h, w, o), &Device::Cpu)?.permute((2, 0, 1))?.unsqueeze(0)?.contiguous()
+    }
+}
+
+/// Activations kept channels-last and zero-padded between 3×3 convolutions: a (h+3)·(w+2) × C
+/// matrix (one pixel of padding around, plus a spare row). Channels are contiguous, so the
+/// Winograd transforms vectorise over them and the products are plain matmuls; candle's conv2d
+/// ran these layers at 23 GMAC/s on 2 threads, the Winograd path at 84-123 (examples/winograd_bench.rs).
 #[derive(Clone)]
 pub struct Padded {
     pub t: Tensor,
@@ -129,55 +160,48 @@ impl Padded {
         Ok(Padded { t: self.t.maximum(&self.t.affine(slope, 0.0)?)?, h: self.h, w: self.w })
     }
 
+    /// The interior as (h, w, C).
+    fn interior(&self) -> Result<Tensor> {
+        let c = self.t.dim(1)?;
+        self.t.reshape((self.h + 3, self.w + 2, c))?.narrow(0, 1, self.h)?.narrow(1, 1, self.w)
+    }
+
+    /// torch's pixel_shuffle ×2 (channel `c·4 + dy·2 + dx` → sub-pixel (dy, dx) of channel c).
+    pub fn pixel_shuffle2(&self) -> Result<Padded> {
+        Padded::from_hwc(&self.shuffled()?)
+    }
+
+    /// The same, unpadded: (2h, 2w, C/4).
+    pub fn shuffled(&self) -> Result<Tensor> {
+        let (h, w, c) = (self.h, self.w, self.t.dim(1)? / 4);
+        self.interior()?.reshape((h, w, c, 2, 2))?.permute((0, 3, 1, 4, 2))?.contiguous()?.reshape((2 * h, 2 * w, c))
+    }
+
     /// Nearest-neighbour ×2 upsampling.
     pub fn upsample2(&self) -> Result<Padded> {
         let (h, w, c) = (self.h, self.w, self.t.dim(1)?);
-        let inner = self.t.reshape((h + 3, w + 2, c))?.narrow(0, 1, h)?.narrow(1, 1, w)?;
-        let up = inner.unsqueeze(1)?.unsqueeze(3)?.broadcast_as((h, 2, w, 2, c))?.contiguous()?.reshape((2 * h, 2 * w, c))?;
+        let up = self.interior()?.unsqueeze(1)?.unsqueeze(3)?.broadcast_as((h, 2, w, 2, c))?.contiguous()?.reshape((2 * h, 2 * w, c))?;
         Padded::from_hwc(&up)
     }
 }
 
-/// A 3×3 convolution on [`Padded`] activations: nine (C × O) matrices and a bias.
+/// A 3×3 convolution on [`Padded`] activations (by Winograd F(2,3): [`crate::winograd`]).
 pub struct ConvCl {
-    taps: Vec<Tensor>,
-    bias: Tensor,
+    wino: WinogradWeights,
 }
 
 impl ConvCl {
     pub fn from(conv: &Conv) -> Result<ConvCl> {
-        let (o, _, k, _) = conv.weight.dims4()?;
-        if k != 3 {
-            candle_core::bail!("channels-last path is for 3×3 convolutions");
-        }
-        let taps = (0..9)
-            .map(|t| conv.weight.narrow(2, t / 3, 1)?.narrow(3, t % 3, 1)?.squeeze(3)?.squeeze(2)?.t()?.contiguous())
-            .collect::<Result<Vec<_>>>()?;
-        Ok(ConvCl { taps, bias: conv.bias.reshape((1, o))? })
+        Ok(ConvCl { wino: WinogradWeights::new(&conv.weight, &conv.bias.flatten_all()?)? })
     }
 
-    /// `mask` (h·(w+2) × 1) zeroes the two junk columns each output row computes.
-    pub fn forward(&self, x: &Padded, mask: &Tensor) -> Result<Padded> {
-        let (h, w) = (x.h, x.w);
-        let m = h * (w + 2);
-        let mut acc: Option<Tensor> = None;
-        for (t, tap) in self.taps.iter().enumerate() {
-            let part = x.t.narrow(0, (t / 3) * (w + 2) + t % 3, m)?.matmul(tap)?;
-            acc = Some(match acc {
-                Some(a) => (a + part)?,
-                None => part,
-            });
-        }
-        let out = acc.expect("nine taps").broadcast_add(&self.bias)?.broadcast_mul(mask)?;
-        // Output pixel (y, x) sits at row y·(w+2) + x; in the padded layout it belongs at
-        // (y+1)·(w+2) + x + 1, so the whole block moves down by w + 3 rows.
-        let o = out.dim(1)?;
-        let dev = &out.device().clone();
-        let t = Tensor::cat(
-            &[Tensor::zeros((w + 3, o), DType::F32, dev)?, out, Tensor::zeros((2 * w + 3, o), DType::F32, dev)?],
-            0,
-        )?;
-        Ok(Padded { t, h, w })
+    pub fn forward(&self, x: &Padded) -> Result<Padded> {
+        self.forward_act(x, Activation::None)
+    }
+
+    /// The convolution, its bias and then `act`, in one pass over the output.
+    pub fn forward_act(&self, x: &Padded, act: Activation<'_>) -> Result<Padded> {
+        Ok(Padded { t: self.wino.forward(&x.t, x.h, x.w, act)?, h: x.h, w: x.w })
     }
 }
 
@@ -206,29 +230,26 @@ impl Weights {
     }
 }
 
-/// 1 for the w real pixels of each padded-width row, 0 for its two junk columns.
-pub fn junk_column_mask(h: usize, w: usize, device: &Device) -> Result<Tensor> {
-    let row: Vec<f32> = (0..w + 2).map(|x| if x < w { 1.0 } else { 0.0 }).collect();
-    Tensor::from_vec(row.repeat(h), (h * (w + 2), 1), device)
-}
 
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use candle_core::Device;
 
     #[test]
-    fn shift_add_equals_the_direct_convolution() -> Result<()> {
+    fn conv_few_equals_the_direct_convolution() -> Result<()> {
         let dev = Device::Cpu;
-        let w = Tensor::randn(0f32, 1f32, (3, 5, 9, 9), &dev)?;
+        let w = Tensor::randn(0f32, 1f32, (3, 20, 9, 9), &dev)?;
         let b = Tensor::randn(0f32, 1f32, (3,), &dev)?;
-        let x = Tensor::randn(0f32, 1f32, (1, 5, 13, 17), &dev)?;
+        let x = Tensor::randn(0f32, 1f32, (1, 20, 13, 17), &dev)?;
         let conv = Conv::new(w.clone(), b.clone())?;
-        assert!(conv.pointwise.is_some());
-        let fast = conv.forward(&x)?;
-        let direct = x.conv2d(&w, 4, 1, 1, 1)?.broadcast_add(&b.reshape((1, 3, 1, 1))?)?;
+        let fast = ConvFew::new(&conv)?.forward(&x.squeeze(0)?.permute((1, 2, 0))?)?;
+        let direct = conv.forward(&x)?;
+        // Sums of 1620 products of N(0, 1) values: compare relative to the largest output.
+        let scale = direct.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
         let diff = (fast - direct)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
-        assert!(diff < 1e-4, "{diff}");
+        assert!(diff < 1e-5 * scale, "{diff} of {scale}");
         Ok(())
     }
 }

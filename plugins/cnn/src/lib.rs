@@ -17,6 +17,7 @@ pub mod rrdbnet;
 pub mod srresnet;
 mod tiled;
 pub mod tiling;
+pub mod winograd;
 
 use std::path::{Path, PathBuf};
 
@@ -52,7 +53,8 @@ impl Network for RrdbNet {
     }
 }
 
-/// A model's networks, loaded.
+/// A model's networks, loaded (one value per engine, so its size does not matter).
+#[allow(clippy::large_enum_variant)]
 enum Loaded {
     /// SRResNet, SRGAN, and the last network interpolated between them (with its λ).
     Pair(SrResNet, SrResNet, Option<(f64, SrResNet)>),
@@ -115,7 +117,7 @@ fn default_overlap(model: &str) -> usize {
 }
 
 fn model(id: &str, name: &str, description: &str) -> Value {
-    let bytes_per_pixel_kib = bytes_per_tile_pixel(id) >> 10;
+    let bytes_per_pixel_kib = BYTES_PER_TILE_PIXEL >> 10;
     let mut m = json!({
         "id": id,
         "name": name,
@@ -177,7 +179,7 @@ impl Engine for Cnn {
         let int = |name: &str, default: u64| job.params.get(name).and_then(Value::as_u64).unwrap_or(default) as usize;
         let overlap = int("overlap", default_overlap(&job.model) as u64);
         let tile = match int("tile", 0) {
-            0 => tile_for_budget(job.input.width(), job.input.height(), int("memory_mb", 1024), overlap, bytes_per_tile_pixel(&job.model)),
+            0 => tile_for_budget(job.input.width(), job.input.height(), int("memory_mb", 1024), overlap, BYTES_PER_TILE_PIXEL),
             t => t,
         };
         if self.loaded.as_ref().is_none_or(|(id, _)| *id != job.model) {
@@ -205,14 +207,10 @@ impl Engine for Cnn {
 
 export_plugin!(Cnn);
 
-/// Peak memory of one network pass per input pixel of a tile, measured with the worker's
-/// high-water mark (tests/bench/cnn.py; SRResNet ×4: 490 MiB at 128², 159 MiB at 64²).
-fn bytes_per_tile_pixel(model: &str) -> usize {
-    match model {
-        SRGAN_PAIR => 28 << 10,
-        _ => 28 << 10,
-    }
-}
+/// Peak memory of one network pass per input pixel of a tile: the slope of the worker's
+/// high-water mark between 128² and 256² single-tile jobs (tests/bench/cnn.py and
+/// realesrgan_vs_ncnn.py: SRResNet 293 → 1053 MiB, RRDBNet 412 → 1191 MiB).
+const BYTES_PER_TILE_PIXEL: usize = 16 << 10;
 
 /// The largest tile side whose pass fits `memory_mb`: the whole image when it fits.
 fn tile_for_budget(width: usize, height: usize, memory_mb: usize, overlap: usize, bytes_per_pixel: usize) -> usize {
@@ -246,7 +244,8 @@ mod tests {
 
     #[test]
     fn tiles_follow_the_memory_budget() {
-        // 1 GiB holds 37449 tile pixels: a 160×120 image goes in one tile, a large one in 193².
+        // At 28 KiB a pixel 1 GiB holds 37449 tile pixels: a 160×120 image goes in one tile,
+        // a large one in 193².
         let b = 28 << 10;
         assert_eq!(tile_for_budget(160, 120, 1024, 32, b), 160);
         assert_eq!(tile_for_budget(4000, 3000, 1024, 32, b), 193);

@@ -7,7 +7,10 @@
 
 use candle_core::{Device, Module, Result, Tensor};
 
-use crate::layers::{junk_column_mask, ConvCl, Padded, Weights};
+use crate::layers::{ConvCl, Padded, Weights};
+use crate::winograd::Activation;
+
+const LEAKY: Activation<'static> = Activation::LeakyRelu(SLOPE as f32);
 
 const SLOPE: f64 = 0.2;
 const RESIDUAL_SCALE: f64 = 0.2;
@@ -18,14 +21,14 @@ struct Rdb {
 }
 
 impl Rdb {
-    fn forward(&self, x: &Padded, mask: &Tensor) -> Result<Padded> {
+    fn forward(&self, x: &Padded) -> Result<Padded> {
         let (h, w) = (x.h, x.w);
         let mut cat = x.t.clone();
         for conv in &self.convs[..4] {
-            let y = conv.forward(&Padded { t: cat.clone(), h, w }, mask)?.leaky_relu(SLOPE)?;
+            let y = conv.forward_act(&Padded { t: cat.clone(), h, w }, LEAKY)?;
             cat = Tensor::cat(&[&cat, &y.t], 1)?;
         }
-        self.convs[4].forward(&Padded { t: cat, h, w }, mask)?.scale_add(RESIDUAL_SCALE, x)
+        self.convs[4].forward(&Padded { t: cat, h, w })?.scale_add(RESIDUAL_SCALE, x)
     }
 }
 
@@ -83,30 +86,25 @@ impl RrdbNet {
             stage(name, t.elapsed().as_secs_f64());
             t = std::time::Instant::now();
         };
-        let dev = x.device();
         let p = Padded::from_nchw(x)?;
-        let mask = junk_column_mask(p.h, p.w, dev)?;
-        let feat = self.conv_first.forward(&p, &mask)?;
+        let feat = self.conv_first.forward(&p)?;
         let mut h = feat.clone();
         for rrdb in &self.body {
             let mut y = h.clone();
             for rdb in rrdb {
-                y = rdb.forward(&y, &mask)?;
+                y = rdb.forward(&y)?;
             }
             h = y.scale_add(RESIDUAL_SCALE, &h)?;
         }
-        let feat = feat.add(&self.conv_body.forward(&h, &mask)?)?;
+        let feat = feat.add(&self.conv_body.forward(&h)?)?;
         lap("body");
-        let u = feat.upsample2()?;
-        let mask2 = junk_column_mask(u.h, u.w, dev)?;
-        let u = self.conv_up1.forward(&u, &mask2)?.leaky_relu(SLOPE)?.upsample2()?;
+        let u = self.conv_up1.forward_act(&feat.upsample2()?, LEAKY)?.upsample2()?;
         lap("up1");
-        let mask4 = junk_column_mask(u.h, u.w, dev)?;
-        let u = self.conv_up2.forward(&u, &mask4)?.leaky_relu(SLOPE)?;
+        let u = self.conv_up2.forward_act(&u, LEAKY)?;
         lap("up2");
-        let u = self.conv_hr.forward(&u, &mask4)?.leaky_relu(SLOPE)?;
+        let u = self.conv_hr.forward_act(&u, LEAKY)?;
         lap("hr");
-        let y = self.conv_last.forward(&u, &mask4)?.to_nchw()?;
+        let y = self.conv_last.forward(&u)?.to_nchw()?;
         lap("last");
         Ok(y)
     }

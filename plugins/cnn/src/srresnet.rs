@@ -6,7 +6,8 @@
 
 use candle_core::{DType, Device, Module, Result, Tensor};
 
-use crate::layers::{junk_column_mask, Conv, ConvCl, Padded, Weights};
+use crate::layers::{Conv, ConvCl, ConvFew, Padded, Weights};
+use crate::winograd::Activation;
 
 struct PRelu {
     /// (1, C, 1, 1)
@@ -20,17 +21,10 @@ impl PRelu {
     }
 }
 
-/// PReLU on channels-last rows: α (1 × C); zero padding stays zero.
-fn prelu_cl(x: &Padded, alpha: &Tensor) -> Result<Padded> {
-    let zeros = x.t.zeros_like()?;
-    let t = (x.t.maximum(&zeros)? + x.t.minimum(&zeros)?.broadcast_mul(alpha)?)?;
-    Ok(Padded { t, h: x.h, w: x.w })
-}
-
 struct Block {
     conv1: ConvCl,
-    /// (1, C)
-    alpha: Tensor,
+    /// PReLU slopes, one per channel, applied in conv1's output pass.
+    alpha: Vec<f32>,
     conv2: ConvCl,
 }
 
@@ -39,11 +33,19 @@ pub struct SrResNet {
     prelu_first: PRelu,
     body: Vec<Block>,
     conv_body: ConvCl,
-    conv_up1: Conv,
-    prelu_up1: PRelu,
-    conv_up2: Conv,
-    prelu_up2: PRelu,
-    conv_last: Conv,
+    /// The upsamplers' 64→256 convolutions, with their PReLU slopes repeated for each of the
+    /// four sub-pixels: PReLU is per channel, so it can run before the pixel shuffle, in the
+    /// convolution's output pass.
+    conv_up1: ConvCl,
+    alpha_up1: Vec<f32>,
+    conv_up2: ConvCl,
+    alpha_up2: Vec<f32>,
+    conv_last: ConvFew,
+}
+
+/// PReLU slopes per channel `c` → per pre-shuffle channel `c·4 + k` (torch's pixel_shuffle order).
+fn repeat4(alpha: &Tensor) -> Result<Vec<f32>> {
+    Ok(alpha.flatten_all()?.to_vec1::<f32>()?.iter().flat_map(|&a| [a; 4]).collect())
 }
 
 fn prelu(weights: &Weights, name: &str) -> Result<PRelu> {
@@ -56,11 +58,10 @@ impl SrResNet {
     pub fn load(weights: &Weights) -> Result<SrResNet> {
         let body = (0..16)
             .map(|i| {
-                let alpha = prelu(weights, &format!("body.{i}.prelu"))?.alpha;
-                let c = alpha.elem_count();
+                let alpha = prelu(weights, &format!("body.{i}.prelu"))?.alpha.flatten_all()?.to_vec1::<f32>()?;
                 Ok(Block {
                     conv1: ConvCl::from(&weights.conv(&format!("body.{i}.conv1"), Some(&format!("body.{i}.bn1")))?)?,
-                    alpha: alpha.reshape((1, c))?,
+                    alpha,
                     conv2: ConvCl::from(&weights.conv(&format!("body.{i}.conv2"), Some(&format!("body.{i}.bn2")))?)?,
                 })
             })
@@ -70,11 +71,11 @@ impl SrResNet {
             prelu_first: prelu(weights, "prelu_first")?,
             body,
             conv_body: ConvCl::from(&weights.conv("conv_body", Some("bn_body"))?)?,
-            conv_up1: weights.conv("conv_up1", None)?,
-            prelu_up1: prelu(weights, "prelu_up1")?,
-            conv_up2: weights.conv("conv_up2", None)?,
-            prelu_up2: prelu(weights, "prelu_up2")?,
-            conv_last: weights.conv("conv_last", None)?,
+            conv_up1: ConvCl::from(&weights.conv("conv_up1", None)?)?,
+            alpha_up1: repeat4(&prelu(weights, "prelu_up1")?.alpha)?,
+            conv_up2: ConvCl::from(&weights.conv("conv_up2", None)?)?,
+            alpha_up2: repeat4(&prelu(weights, "prelu_up2")?.alpha)?,
+            conv_last: ConvFew::new(&weights.conv("conv_last", None)?)?,
         })
     }
 
@@ -120,22 +121,19 @@ impl SrResNet {
         let x1 = self.prelu_first.forward(&self.conv_first.forward(x)?)?;
         lap("conv_first");
         let p1 = Padded::from_nchw(&x1)?;
-        let mask = junk_column_mask(p1.h, p1.w, x.device())?;
         let mut h = p1.clone();
         for b in &self.body {
-            let t = prelu_cl(&b.conv1.forward(&h, &mask)?, &b.alpha)?;
-            h = h.add(&b.conv2.forward(&t, &mask)?)?;
+            let t = b.conv1.forward_act(&h, Activation::PRelu(&b.alpha))?;
+            h = h.add(&b.conv2.forward(&t)?)?;
         }
-        let h = self.conv_body.forward(&h, &mask)?.add(&p1)?.to_nchw()?;
+        let h = self.conv_body.forward(&h)?.add(&p1)?;
         lap("body");
-        let h = self.conv_up1.forward(&h)?;
-        lap("conv_up1");
-        let h = self.prelu_up1.forward(&candle_nn::ops::pixel_shuffle(&h, 2)?)?;
-        lap("shuffle+prelu_up1");
-        let h = self.conv_up2.forward(&h)?;
+        let h = self.conv_up1.forward_act(&h, Activation::PRelu(&self.alpha_up1))?.pixel_shuffle2()?;
+        lap("up1");
+        let h = self.conv_up2.forward_act(&h, Activation::PRelu(&self.alpha_up2))?;
         lap("conv_up2");
-        let h = self.prelu_up2.forward(&candle_nn::ops::pixel_shuffle(&h, 2)?)?;
-        lap("shuffle+prelu_up2");
+        let h = h.shuffled()?;
+        lap("shuffle_up2");
         let y = self.conv_last.forward(&h)?;
         lap("conv_last");
         // The network ends in tanh on [−1, 1]; the trained model maps that to 0..255.
