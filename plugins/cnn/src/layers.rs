@@ -203,6 +203,16 @@ impl ConvCl {
     pub fn forward_act(&self, x: &Padded, act: Activation<'_>) -> Result<Padded> {
         Ok(Padded { t: self.wino.forward(&x.t, x.h, x.w, act)?, h: x.h, w: x.w })
     }
+
+    pub fn in_channels(&self) -> usize {
+        self.wino.in_channels()
+    }
+
+    /// The same on padded h×w activations whose pixels are `stride` values apart (the first C
+    /// are read); returns the padded output, O values a pixel.
+    pub fn forward_slice(&self, x: &[f32], stride: usize, h: usize, w: usize, act: Activation<'_>) -> Vec<f32> {
+        self.wino.forward_slice(x, stride, h, w, act)
+    }
 }
 
 /// Tensors by PyTorch-style key, as the model store holds them.

@@ -21,14 +21,33 @@ struct Rdb {
 }
 
 impl Rdb {
+    /// The concatenation is one buffer, pixels `feat + 4·grow` values apart, that each conv
+    /// reads the start of and appends its output to: no concatenation is copied again.
     fn forward(&self, x: &Padded) -> Result<Padded> {
         let (h, w) = (x.h, x.w);
-        let mut cat = x.t.clone();
-        for conv in &self.convs[..4] {
-            let y = conv.forward_act(&Padded { t: cat.clone(), h, w }, LEAKY)?;
-            cat = Tensor::cat(&[&cat, &y.t], 1)?;
+        let feat = x.t.dim(1)?;
+        let grow = (self.convs[4].in_channels() - feat) / 4;
+        let stride = feat + 4 * grow;
+        let pixels = (h + 3) * (w + 2);
+        let mut cat = vec![0f32; pixels * stride];
+        let input = crate::winograd::with_slice(&x.t, |x| {
+            for (dst, src) in cat.chunks_exact_mut(stride).zip(x.chunks_exact(feat)) {
+                dst[..feat].copy_from_slice(src);
+            }
+            x.to_vec()
+        })?;
+        for (k, conv) in self.convs[..4].iter().enumerate() {
+            let y = conv.forward_slice(&cat, stride, h, w, LEAKY);
+            let at = feat + k * grow;
+            for (dst, src) in cat.chunks_exact_mut(stride).zip(y.chunks_exact(grow)) {
+                dst[at..at + grow].copy_from_slice(src);
+            }
         }
-        self.convs[4].forward(&Padded { t: cat, h, w })?.scale_add(RESIDUAL_SCALE, x)
+        let mut y = self.convs[4].forward_slice(&cat, stride, h, w, Activation::None);
+        for (y, x) in y.iter_mut().zip(&input) {
+            *y = *y * RESIDUAL_SCALE as f32 + x;
+        }
+        Ok(Padded { t: Tensor::from_vec(y, (pixels, feat), x.t.device())?, h, w })
     }
 }
 

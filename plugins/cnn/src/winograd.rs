@@ -55,7 +55,7 @@ pub struct WinogradWeights {
 }
 
 /// Borrows a contiguous CPU f32 tensor's values.
-fn with_slice<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
+pub(crate) fn with_slice<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
     let t = t.contiguous()?;
     let (storage, layout) = t.storage_and_layout();
     match &*storage {
@@ -98,6 +98,10 @@ impl WinogradWeights {
         Ok(WinogradWeights { u, bias, c, o })
     }
 
+    pub fn in_channels(&self) -> usize {
+        self.c
+    }
+
     /// Convolves the padded `(h + 3)·(w + 2) × C` activations `x` (zero border, interior at
     /// rows and columns 1..) and returns the output in the same padded layout, zero border
     /// included, with the bias and `act` applied.
@@ -107,13 +111,21 @@ impl WinogradWeights {
     /// transform) so the intermediate matrices stay in its cache and are reused, never
     /// allocated per call.
     pub fn forward(&self, x: &Tensor, h: usize, w: usize, act: Activation<'_>) -> Result<Tensor> {
+        let out = with_slice(x, |p| self.forward_slice(p, self.c, h, w, act))?;
+        Tensor::from_vec(out, ((h + 3) * (w + 2), self.o), &Device::Cpu)
+    }
+
+    /// [`forward`](Self::forward) on a padded buffer whose pixels are `stride` values apart,
+    /// of which this convolution reads the first C (the start of a dense block's concatenation).
+    pub fn forward_slice(&self, p: &[f32], stride: usize, h: usize, w: usize, act: Activation<'_>) -> Vec<f32> {
         let (c, o) = (self.c, self.o);
+        assert!(stride >= c && p.len() >= (h + 3) * (w + 2) * stride, "the activations do not match the convolution");
         let (ty, tx) = (h.div_ceil(2), w.div_ceil(2));
         let pw = w + 2;
         let mut out = vec![0f32; (h + 3) * pw * o];
         let u = &self.u;
         let arch = pulp::Arch::new();
-        with_slice(x, |p| {
+        {
             // Each tile row writes padded rows 2·t_y + 1 and 2·t_y + 2.
             let body = &mut out[pw * o..(2 * ty + 1) * pw * o];
             body.par_chunks_mut(2 * pw * o).enumerate().for_each(|(t_y, dst)| {
@@ -123,7 +135,7 @@ impl WinogradWeights {
                     for x0 in (0..tx).step_by(BLOCK) {
                         let nb = BLOCK.min(tx - x0);
                         // The transforms compiled for the CPU's widest vectors (AVX2, AVX-512).
-                        arch.dispatch(|| input_transform(p, pw, c, t_y, x0, nb, v));
+                        arch.dispatch(|| input_transform(p, pw, stride, c, t_y, x0, nb, v));
                         for kl in 0..16 {
                             matmul(&v[kl * BLOCK * c..][..nb * c], &u[kl * c * o..][..c * o], &mut m[kl * BLOCK * o..][..nb * o], nb, c, o);
                         }
@@ -131,8 +143,8 @@ impl WinogradWeights {
                     }
                 });
             });
-        })?;
-        Tensor::from_vec(out, ((h + 3) * pw, o), &Device::Cpu)
+        }
+        out
     }
 
     /// Y = Aᵀ M A with Aᵀ = [[1, 1, 1, 0], [0, 1, −1, −1]], plus bias and activation, into the
@@ -193,9 +205,10 @@ thread_local! {
 /// Bᵀ = [[1, 0, −1, 0], [0, 1, 1, 0], [0, −1, 1, 0], [0, 1, 0, −1]]; V holds 16 matrices of
 /// BLOCK × C. Reads past the buffer's end (the last tile of an odd width) are zero padding.
 #[inline(always)]
-fn input_transform(p: &[f32], pw: usize, c: usize, t_y: usize, x0: usize, nb: usize, v: &mut [f32]) {
+#[allow(clippy::too_many_arguments)]
+fn input_transform(p: &[f32], pw: usize, stride: usize, c: usize, t_y: usize, x0: usize, nb: usize, v: &mut [f32]) {
     let at = |row: usize, col: usize| -> &[f32] {
-        let start = (row * pw + col) * c;
+        let start = (row * pw + col) * stride;
         p.get(start..start + c).unwrap_or(&[])
     };
     for t in 0..nb {
