@@ -197,6 +197,32 @@ mod tests {
         assert_eq!(d, &[0.0, 2.0, 4.0, 6.0, 1.0, 3.0, 5.0, 7.0]);
     }
 
+    /// A one-block RRDBNet (4 features, growth 2) saved like Real-ESRGAN's releases
+    /// (`{"params_ema": state_dict}` in PyTorch's zip format): installer/dev/tiny_rrdbnet_pth.py.
+    #[test]
+    fn reads_a_pytorch_rrdbnet_checkpoint() {
+        let bytes = include_bytes!("../../../tests/fixtures/tiny_rrdbnet.pth");
+        let tensors = rrdbnet_pth(bytes).unwrap();
+        let names = super::super::ncnn::rrdbnet_convs(1, 4, 2);
+        assert_eq!(tensors.len(), 2 * names.len());
+        for (i, t) in tensors.iter().enumerate() {
+            let (name, (o, c, _)) = &names[i / 2];
+            let (suffix, shape) = if i % 2 == 0 { ("weight", vec![*o, *c, 3, 3]) } else { ("bias", vec![*o]) };
+            assert_eq!(t.key, format!("{name}.{suffix}"));
+            assert_eq!(t.shape, shape);
+            let Data::F32(v) = &t.data else { panic!("f32") };
+            for (j, x) in v.iter().enumerate() {
+                assert_eq!(*x, ((i * 7 + j) % 23) as f32 / 64.0 - 11.0 / 64.0, "{} [{j}]", t.key);
+            }
+        }
+        // A checkpoint of something else is refused with the reason.
+        let mut wrong = bytes.to_vec();
+        let at = wrong.windows(14).position(|w| w == b"conv_last.bias").unwrap();
+        wrong[at..at + 14].copy_from_slice(b"conv_lost.bias");
+        let err = rrdbnet_pth(&wrong).err().unwrap().to_string();
+        assert!(err.contains("conv_last.bias"), "{err}");
+    }
+
     #[test]
     fn a_short_file_is_an_error_not_a_panic() {
         assert!(matches!(srgan_h5(&[0u8; 100]), Err(ConvertError::Truncated { .. })));
