@@ -80,6 +80,15 @@ class Daemon(object):
         self.stop()
 
 
+def vm_hwm_mib(pid):
+    """A process's peak resident memory (VmHWM) in MiB."""
+    with open("/proc/%d/status" % pid) as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0
+    return float("nan")
+
+
 def tessera_cli(env, *args, timeout=600):
     """Runs the `tessera` command line without starting a daemon."""
     return subprocess.run([exe("tessera"), "--no-start"] + list(args), env=env, capture_output=True, text=True, timeout=timeout)

@@ -25,7 +25,7 @@ ROOT = os.path.dirname(os.path.dirname(HERE))
 sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, os.path.join(ROOT, "adapters", "python"))
 
-from harness import Daemon, bin_dir  # noqa: E402
+from harness import Daemon, bin_dir, vm_hwm_mib  # noqa: E402
 
 FILES = {"x4plus": "REALESRGAN_X4PLUS_UP4X", "anime": "REALESRGAN_X4PLUSANIME_UP4X"}
 
@@ -47,13 +47,6 @@ hwm = [l for l in open("/proc/self/status") if l.startswith("VmHWM")][0].split()
 print(best, int(hwm) / 1024)
 """
 
-
-def vm_hwm_mib(pid):
-    with open("/proc/%d/status" % pid) as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024.0
-    return float("nan")
 
 
 def main():

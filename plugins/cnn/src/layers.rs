@@ -215,6 +215,15 @@ impl ConvCl {
     }
 }
 
+/// Reports how long each stage of a forward pass took: `lap(name)` ends a stage.
+pub fn stopwatch(stage: &mut dyn FnMut(&str, f64)) -> impl FnMut(&str) + '_ {
+    let mut t = std::time::Instant::now();
+    move |name| {
+        stage(name, t.elapsed().as_secs_f64());
+        t = std::time::Instant::now();
+    }
+}
+
 /// Tensors by PyTorch-style key, as the model store holds them.
 pub struct Weights(pub HashMap<String, Tensor>);
 

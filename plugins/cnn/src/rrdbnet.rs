@@ -100,11 +100,7 @@ impl RrdbNet {
 
     /// `forward`, telling `stage(name, seconds)` how long each part took (for profiling).
     pub fn forward_timed(&self, x: &Tensor, stage: &mut dyn FnMut(&str, f64)) -> Result<Tensor> {
-        let mut t = std::time::Instant::now();
-        let mut lap = |name: &str| {
-            stage(name, t.elapsed().as_secs_f64());
-            t = std::time::Instant::now();
-        };
+        let mut lap = crate::layers::stopwatch(stage);
         let p = Padded::from_nchw(x)?;
         let feat = self.conv_first.forward(&p)?;
         let mut h = feat.clone();

@@ -113,11 +113,7 @@ impl SrResNet {
 
     /// `forward`, telling `stage(name, seconds)` how long each part took (for profiling).
     pub fn forward_timed(&self, x: &Tensor, stage: &mut dyn FnMut(&str, f64)) -> Result<Tensor> {
-        let mut t = std::time::Instant::now();
-        let mut lap = |name: &str| {
-            stage(name, t.elapsed().as_secs_f64());
-            t = std::time::Instant::now();
-        };
+        let mut lap = crate::layers::stopwatch(stage);
         let x1 = self.prelu_first.forward(&self.conv_first.forward(x)?)?;
         lap("conv_first");
         let p1 = Padded::from_nchw(&x1)?;
