@@ -63,7 +63,7 @@ pub struct RrdbNet {
 
 impl RrdbNet {
     pub fn load(weights: &Weights) -> Result<RrdbNet> {
-        let conv = |name: &str| ConvCl::from(&weights.conv(name, None)?);
+        let conv = |name: &str| ConvCl::fast(&weights.conv(name, None)?);
         let num_block = (0..).take_while(|b| weights.0.contains_key(&format!("body.{b}.rdb1.conv1.weight"))).count();
         let body = (0..num_block)
             .map(|b| {
