@@ -201,7 +201,7 @@ impl Session {
         };
         if crate::models::catalog::find(&model.id).is_some() {
             let store = crate::models::store::store_dir();
-            if let Err(e) = crate::models::store::verify(&store, &model.id) {
+            if let Err(e) = crate::models::store::verify_cached(&store, &model.id) {
                 return Err(err(ErrorCode::ModelNotInstalled, e.to_string()).with_hint(format!(
                     "run `tessera models fetch {}` to install it (model store: {})",
                     model.id,

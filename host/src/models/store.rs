@@ -47,13 +47,57 @@ pub fn model_dir(store: &Path, id: &str) -> PathBuf {
     store.join(id)
 }
 
+/// What a file looked like when its SHA-256 last matched: (size, modification time).
+type Seen = (u64, std::time::SystemTime);
+
+/// Files whose hash matched their manifest, so a long-running daemon does not re-hash tens of
+/// megabytes of weights on every job; a file that changes size or modification time is hashed
+/// again.
+static VERIFIED: std::sync::Mutex<Option<std::collections::HashMap<PathBuf, (Seen, String)>>> = std::sync::Mutex::new(None);
+
+fn seen(path: &Path) -> Option<Seen> {
+    let meta = fs::metadata(path).ok()?;
+    Some((meta.len(), meta.modified().ok()?))
+}
+
+/// [`verify`], trusting files whose size and modification time are those they had when their
+/// hash last matched the same manifest entry (the daemon's check before each job).
+pub fn verify_cached(store: &Path, id: &str) -> Result<Manifest, StoreError> {
+    let dir = model_dir(store, id);
+    let manifest = read_manifest(store, id)?;
+    let unchanged = {
+        let cache = VERIFIED.lock().unwrap_or_else(|e| e.into_inner());
+        manifest.files.iter().all(|(name, entry)| {
+            let path = dir.join(name);
+            matches!((cache.as_ref().and_then(|c| c.get(&path)), seen(&path)),
+                (Some((was, sha)), Some(now)) if *was == now && *sha == entry.sha256)
+        })
+    };
+    if unchanged {
+        return Ok(manifest);
+    }
+    let manifest = verify(store, id)?;
+    let mut cache = VERIFIED.lock().unwrap_or_else(|e| e.into_inner());
+    let cache = cache.get_or_insert_with(Default::default);
+    for (name, entry) in &manifest.files {
+        let path = dir.join(name);
+        if let Some(now) = seen(&path) {
+            cache.insert(path, (now, entry.sha256.clone()));
+        }
+    }
+    Ok(manifest)
+}
+
+fn read_manifest(store: &Path, id: &str) -> Result<Manifest, StoreError> {
+    let path = model_dir(store, id).join("manifest.json");
+    let text = fs::read_to_string(&path).map_err(|_| StoreError::Missing { id: id.into(), path: path.clone() })?;
+    serde_json::from_str(&text).map_err(|e| StoreError::Damaged { id: id.into(), why: format!("bad manifest: {e}") })
+}
+
 /// Reads a model's manifest and checks every file against it.
 pub fn verify(store: &Path, id: &str) -> Result<Manifest, StoreError> {
     let dir = model_dir(store, id);
-    let path = dir.join("manifest.json");
-    let text = fs::read_to_string(&path).map_err(|_| StoreError::Missing { id: id.into(), path: path.clone() })?;
-    let manifest: Manifest =
-        serde_json::from_str(&text).map_err(|e| StoreError::Damaged { id: id.into(), why: format!("bad manifest: {e}") })?;
+    let manifest = read_manifest(store, id)?;
     for (name, entry) in &manifest.files {
         let bytes = fs::read(dir.join(name)).map_err(|e| StoreError::Damaged { id: id.into(), why: format!("{name}: {e}") })?;
         if bytes.len() as u64 != entry.size || sha256_hex(&bytes) != entry.sha256 {
@@ -95,8 +139,13 @@ mod tests {
         assert!(matches!(verify(&store, "m"), Err(StoreError::Missing { .. })));
         install(&store, "m", "test", "CC0", &[("a.safetensors".into(), vec![1, 2, 3])]).unwrap();
         assert_eq!(verify(&store, "m").unwrap().files["a.safetensors"].size, 3);
+        assert!(verify_cached(&store, "m").is_ok());
         fs::write(store.join("m/a.safetensors"), [1, 2, 4]).unwrap();
         assert!(matches!(verify(&store, "m"), Err(StoreError::Damaged { .. })));
+        // A rewritten file is hashed again even where its size is the same: its mtime moved.
+        let old = std::time::SystemTime::now() - std::time::Duration::from_secs(60);
+        fs::File::options().write(true).open(store.join("m/a.safetensors")).unwrap().set_modified(old).unwrap();
+        assert!(matches!(verify_cached(&store, "m"), Err(StoreError::Damaged { .. })));
         fs::remove_dir_all(&store).unwrap();
     }
 }
