@@ -7,12 +7,12 @@
 //!   and SRGAN fine-tuned from it with perceptual and adversarial loss:
 //!   `pixel_detail` = SRResNet − base, `semantic_detail` = SRGAN − SRResNet.
 //! - `realesrgan-x4plus`, `realesrgan-x4plus-anime`: one GAN (RRDBNet), split by frequency
-//!   band ([`layers_out::BandSplit`]): `pixel_detail` = U(D(y)) − base, what changed at the
+//!   band (`layers_out::BandSplit`): `pixel_detail` = U(D(y)) − base, what changed at the
 //!   input's own resolution; `semantic_detail` = y − U(D(y)), what lies above it.
 //!
 //! srgan-pair's `dni` parameter takes semantic detail from SRResNet and SRGAN's weights
 //! interpolated at λ (deep network interpolation). Every 3×3 convolution runs by Winograd on
-//! channels-last activations ([`winograd`]); images are tiled from a memory budget ([`tiled`]).
+//! channels-last activations ([`winograd`]); images are tiled from a memory budget (`tiled`).
 
 pub mod layers;
 mod layers_out;

@@ -107,7 +107,7 @@ impl WinogradWeights {
     /// included, with the bias and `act` applied.
     ///
     /// Work is split by rows of 2×2 output tiles across threads; each thread takes its row in
-    /// blocks of [`BLOCK`] tiles through all three steps (input transform, 16 products, output
+    /// blocks of `BLOCK` tiles through all three steps (input transform, 16 products, output
     /// transform) so the intermediate matrices stay in its cache and are reused, never
     /// allocated per call.
     pub fn forward(&self, x: &Tensor, h: usize, w: usize, act: Activation<'_>) -> Result<Tensor> {
