@@ -5,7 +5,7 @@ use std::time::Instant;
 
 use candle_core::{Device, Tensor};
 use tessera_cnn::layers::Padded;
-use tessera_cnn::winograd::{Activation, WinogradWeights};
+use tessera_cnn::winograd::{Activation, Winograd};
 
 fn main() -> candle_core::Result<()> {
     let dev = Device::Cpu;
@@ -13,8 +13,8 @@ fn main() -> candle_core::Result<()> {
         let x = Padded::from_nchw(&Tensor::rand(0f32, 1f32, (1, c, side, side), &dev)?)?;
         let wt = Tensor::rand(-0.1f32, 0.1f32, (o, c, 3, 3), &dev)?;
         let b = Tensor::zeros(o, candle_core::DType::F32, &dev)?;
-        let f2 = WinogradWeights::new(&wt, &b)?;
-        let f4 = tessera_cnn::winograd::WinogradF4::new(&wt, &b)?;
+        let f2 = Winograd::f2(&wt, &b)?;
+        let f4 = Winograd::f4(&wt, &b)?;
         let mac = (side * side * c * o * 9) as f64;
         let time = |f: &dyn Fn() -> candle_core::Result<Tensor>| -> candle_core::Result<f64> {
             f()?;

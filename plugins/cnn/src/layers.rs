@@ -5,7 +5,7 @@ use std::collections::HashMap;
 
 use candle_core::{DType, Device, Result, Tensor};
 
-use crate::winograd::{Activation, WinogradF4, WinogradWeights};
+use crate::winograd::{Activation, Winograd};
 
 /// Keras's BatchNormalization default (the SRGAN weights were trained with it).
 pub const BN_EPS: f64 = 1e-3;
@@ -186,9 +186,8 @@ impl Padded {
 }
 
 /// A 3×3 convolution on [`Padded`] activations, by Winograd ([`crate::winograd`]).
-pub enum ConvCl {
-    F2(WinogradWeights),
-    F4(WinogradF4),
+pub struct ConvCl {
+    wino: Winograd,
 }
 
 impl ConvCl {
@@ -196,13 +195,13 @@ impl ConvCl {
     /// TensorFlow within 1e-5: with F(4,3) everywhere it came to 9.4e-6 on noise input, with
     /// F(4,3) in its residual blocks only and F(2,3) after them, 6.6e-6.
     pub fn from(conv: &Conv) -> Result<ConvCl> {
-        Ok(ConvCl::F2(WinogradWeights::new(&conv.weight, &conv.bias.flatten_all()?)?))
+        Ok(ConvCl { wino: Winograd::f2(&conv.weight, &conv.bias.flatten_all()?)? })
     }
 
     /// By F(4,3): about twice as fast, a digit less precise (RRDBNet stays within 1.1e-5 of
     /// ncnn on natural input, 8e-5 on noise; its bound is 1e-4).
     pub fn fast(conv: &Conv) -> Result<ConvCl> {
-        Ok(ConvCl::F4(WinogradF4::new(&conv.weight, &conv.bias.flatten_all()?)?))
+        Ok(ConvCl { wino: Winograd::f4(&conv.weight, &conv.bias.flatten_all()?)? })
     }
 
     pub fn forward(&self, x: &Padded) -> Result<Padded> {
@@ -211,27 +210,17 @@ impl ConvCl {
 
     /// The convolution, its bias and then `act`, in one pass over the output.
     pub fn forward_act(&self, x: &Padded, act: Activation<'_>) -> Result<Padded> {
-        let t = match self {
-            ConvCl::F2(c) => c.forward(&x.t, x.h, x.w, act)?,
-            ConvCl::F4(c) => c.forward(&x.t, x.h, x.w, act)?,
-        };
-        Ok(Padded { t, h: x.h, w: x.w })
+        Ok(Padded { t: self.wino.forward(&x.t, x.h, x.w, act)?, h: x.h, w: x.w })
     }
 
     pub fn in_channels(&self) -> usize {
-        match self {
-            ConvCl::F2(c) => c.in_channels(),
-            ConvCl::F4(c) => c.in_channels(),
-        }
+        self.wino.in_channels()
     }
 
     /// The same on padded h×w activations whose pixels are `stride` values apart (the first C
     /// are read); returns the padded output, O values a pixel.
     pub fn forward_slice(&self, x: &[f32], stride: usize, h: usize, w: usize, act: Activation<'_>) -> Vec<f32> {
-        match self {
-            ConvCl::F2(c) => c.forward_slice(x, stride, h, w, act),
-            ConvCl::F4(c) => c.forward_slice(x, stride, h, w, act),
-        }
+        self.wino.forward_slice(x, stride, h, w, act)
     }
 }
 

@@ -1,12 +1,14 @@
 //! 3×3 convolutions by Winograd's minimal filtering F(2×2, 3×3) and F(4×4, 3×3) (Lavin &
 //! Gray 2016) on channels-last padded activations ([`crate::layers::Padded`]).
 //!
-//! Each 2×2 block of outputs is computed from a 4×4 block of inputs as `Aᵀ [(G g Gᵀ) ⊙ (Bᵀ d B)] A`:
-//! the element-wise product becomes 16 matrix products (tiles × C)·(C × O), 16 multiplies per 4
-//! outputs instead of 36, so 2.25× fewer than the nine-tap form. F(2,3)'s transforms use only
-//! 0, ±1 and ±½, so it stays within float rounding of the direct convolution; [`WinogradF4`]
-//! takes 36 per 16 outputs (4× fewer than direct) and loses about a digit. The transforms run over channels, which are contiguous
-//! here, so they vectorise; bias and the activation are applied in the output transform.
+//! Each m×m block of outputs is computed from an (m+2)×(m+2) block of inputs as
+//! `Aᵀ [(G g Gᵀ) ⊙ (Bᵀ d B)] A`: the element-wise product becomes (m+2)² matrix products
+//! (tiles × C)·(C × O). F(2,3) takes 16 multiplies per 4 outputs instead of 36 (2.25× fewer);
+//! its transforms use only 0, ±1 and ±½, so it stays within float rounding of the direct
+//! convolution. F(4,3) takes 36 per 16 outputs (4× fewer) with ±2, ±4, ±5, ⅙ and 1/24 in its
+//! transforms, about a digit less precise. The transforms run over channels, which are
+//! contiguous here, so they vectorise; bias and the activation are applied in the output
+//! transform.
 
 use candle_core::{DType, Device, Result, Storage, Tensor};
 use rayon::prelude::*;
@@ -45,15 +47,6 @@ pub enum Activation<'a> {
     PRelu(&'a [f32]),
 }
 
-/// A 3×3 convolution's weights in the Winograd domain: 16 (C × O) matrices, `U = G g Gᵀ`.
-pub struct WinogradWeights {
-    /// 16 row-major (C × O) matrices.
-    u: Vec<f32>,
-    bias: Vec<f32>,
-    c: usize,
-    o: usize,
-}
-
 /// Borrows a contiguous CPU f32 tensor's values.
 pub(crate) fn with_slice<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
     let t = t.contiguous()?;
@@ -67,35 +60,84 @@ pub(crate) fn with_slice<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R
     }
 }
 
-impl WinogradWeights {
-    /// `weight` (O, C, 3, 3), `bias` (O).
-    pub fn new(weight: &Tensor, bias: &Tensor) -> Result<WinogradWeights> {
+/// Bias, activation, and the store of `n` outputs at `at`.
+#[inline(always)]
+fn emit(v: &Lanes, bias: &[f32], o0: usize, n: usize, act: Activation<'_>, dst: &mut [f32], at: usize) {
+    let mut v = add(v, &load(bias, o0, n));
+    match act {
+        Activation::None => {}
+        Activation::LeakyRelu(slope) => v.iter_mut().for_each(|x| *x = x.max(*x * slope)),
+        Activation::PRelu(alpha) => {
+            let a = load(alpha, o0, n);
+            for (x, a) in v.iter_mut().zip(a) {
+                *x = if *x < 0.0 { *x * a } else { *x };
+            }
+        }
+    }
+    dst[at..at + n].copy_from_slice(&v[..n]);
+}
+
+/// A 3×3 convolution's weights in the Winograd domain, `U = G g Gᵀ`: (m+2)² row-major (C × O)
+/// matrices for output tiles of m×m.
+pub struct Winograd {
+    /// The output tile side m: 2 for F(2,3), 4 for F(4,3).
+    m: usize,
+    u: Vec<f32>,
+    bias: Vec<f32>,
+    c: usize,
+    o: usize,
+}
+
+/// F(2,3)'s G.
+const G2: [[f64; 3]; 4] = [[1.0, 0.0, 0.0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0.0, 0.0, 1.0]];
+/// F(4,3)'s G.
+const G4: [[f64; 3]; 6] = [
+    [0.25, 0.0, 0.0],
+    [-1.0 / 6.0, -1.0 / 6.0, -1.0 / 6.0],
+    [-1.0 / 6.0, 1.0 / 6.0, -1.0 / 6.0],
+    [1.0 / 24.0, 1.0 / 12.0, 1.0 / 6.0],
+    [1.0 / 24.0, -1.0 / 12.0, 1.0 / 6.0],
+    [0.0, 0.0, 1.0],
+];
+
+impl Winograd {
+    /// F(2,3) for `weight` (O, C, 3, 3), `bias` (O).
+    pub fn f2(weight: &Tensor, bias: &Tensor) -> Result<Winograd> {
+        Winograd::new(weight, bias, &G2)
+    }
+
+    /// F(4,3) for `weight` (O, C, 3, 3), `bias` (O).
+    pub fn f4(weight: &Tensor, bias: &Tensor) -> Result<Winograd> {
+        Winograd::new(weight, bias, &G4)
+    }
+
+    fn new(weight: &Tensor, bias: &Tensor, g: &[[f64; 3]]) -> Result<Winograd> {
         let (o, c, kh, kw) = weight.dims4()?;
         if (kh, kw) != (3, 3) {
-            candle_core::bail!("Winograd F(2,3) is for 3×3 kernels, not {kh}×{kw}");
+            candle_core::bail!("Winograd F(m,3) is for 3×3 kernels, not {kh}×{kw}");
         }
-        let g = weight.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-        // G = [[1, 0, 0], [½, ½, ½], [½, −½, ½], [0, 0, 1]]
-        const G: [[f32; 3]; 4] = [[1.0, 0.0, 0.0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0.0, 0.0, 1.0]];
-        let mut u = vec![0f32; 16 * c * o];
+        let n = g.len();
+        // In f64: F(4,3)'s G has sixths and 24ths.
+        let k = weight.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?;
+        let mut u = vec![0f32; n * n * c * o];
         for oc in 0..o {
             for ic in 0..c {
-                let k = &g[(oc * c + ic) * 9..][..9];
-                for a in 0..4 {
-                    for b in 0..4 {
-                        let mut s = 0f32;
+                let k = &k[(oc * c + ic) * 9..][..9];
+                for a in 0..n {
+                    for b in 0..n {
+                        let mut s = 0f64;
                         for i in 0..3 {
                             for j in 0..3 {
-                                s += G[a][i] * k[i * 3 + j] * G[b][j];
+                                s += g[a][i] * k[i * 3 + j] * g[b][j];
                             }
                         }
-                        u[((a * 4 + b) * c + ic) * o + oc] = s;
+                        u[((a * n + b) * c + ic) * o + oc] = s as f32;
                     }
                 }
             }
         }
         let bias = bias.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-        Ok(WinogradWeights { u, bias, c, o })
+        Ok(Winograd { m: n - 2, u, bias, c, o })
     }
 
     pub fn in_channels(&self) -> usize {
@@ -105,11 +147,6 @@ impl WinogradWeights {
     /// Convolves the padded `(h + 3)·(w + 2) × C` activations `x` (zero border, interior at
     /// rows and columns 1..) and returns the output in the same padded layout, zero border
     /// included, with the bias and `act` applied.
-    ///
-    /// Work is split by rows of 2×2 output tiles across threads; each thread takes its row in
-    /// blocks of `BLOCK` tiles through all three steps (input transform, 16 products, output
-    /// transform) so the intermediate matrices stay in its cache and are reused, never
-    /// allocated per call.
     pub fn forward(&self, x: &Tensor, h: usize, w: usize, act: Activation<'_>) -> Result<Tensor> {
         let out = with_slice(x, |p| self.forward_slice(p, self.c, h, w, act))?;
         Tensor::from_vec(out, ((h + 3) * (w + 2), self.o), &Device::Cpu)
@@ -118,32 +155,51 @@ impl WinogradWeights {
     /// [`forward`](Self::forward) on a padded buffer whose pixels are `stride` values apart,
     /// of which this convolution reads the first C (the start of a dense block's concatenation).
     pub fn forward_slice(&self, p: &[f32], stride: usize, h: usize, w: usize, act: Activation<'_>) -> Vec<f32> {
-        let (c, o) = (self.c, self.o);
-        assert!(stride >= c && p.len() >= (h + 3) * (w + 2) * stride, "the activations do not match the convolution");
-        let (ty, tx) = (h.div_ceil(2), w.div_ceil(2));
-        let pw = w + 2;
-        let mut out = vec![0f32; (h + 3) * pw * o];
-        let u = &self.u;
-        let arch = pulp::Arch::new();
-        {
-            // Each tile row writes padded rows 2·t_y + 1 and 2·t_y + 2.
-            let body = &mut out[pw * o..(2 * ty + 1) * pw * o];
-            body.par_chunks_mut(2 * pw * o).enumerate().for_each(|(t_y, dst)| {
-                SCRATCH.with_borrow_mut(|(v, m)| {
-                    v.resize(16 * BLOCK * c, 0.0);
-                    m.resize(16 * BLOCK * o, 0.0);
-                    for x0 in (0..tx).step_by(BLOCK) {
-                        let nb = BLOCK.min(tx - x0);
-                        // The transforms compiled for the CPU's widest vectors (AVX2, AVX-512).
-                        arch.dispatch(|| input_transform(p, pw, stride, c, t_y, x0, nb, v));
-                        for kl in 0..16 {
-                            matmul(&v[kl * BLOCK * c..][..nb * c], &u[kl * c * o..][..c * o], &mut m[kl * BLOCK * o..][..nb * o], nb, c, o);
-                        }
-                        arch.dispatch(|| self.output_transform(m, nb, x0, t_y, h, w, act, dst));
-                    }
-                });
-            });
+        assert!(stride >= self.c && p.len() >= (h + 3) * (w + 2) * stride, "the activations do not match the convolution");
+        let src = Source { p, h, pw: w + 2, stride, c: self.c };
+        match self.m {
+            2 => self.run::<2>(&src, w, act),
+            _ => self.run::<4>(&src, w, act),
         }
+    }
+
+    /// Work is split by rows of M×M output tiles across threads; each thread takes its row in
+    /// blocks of `BLOCK` tiles through all three steps (input transform, (M+2)² products,
+    /// output transform) so the intermediate matrices stay in its cache and are reused, never
+    /// allocated per call. One instantiation per tile size, each with only its transforms.
+    fn run<const M: usize>(&self, src: &Source<'_>, w: usize, act: Activation<'_>) -> Vec<f32> {
+        let (c, o, h, pw) = (self.c, self.o, src.h, src.pw);
+        let nn = (M + 2) * (M + 2);
+        let (ty, tx) = (h.div_ceil(M), w.div_ceil(M));
+        // Room for whole tile rows; rows past the padded image are dropped at the end.
+        let mut out = vec![0f32; (h + 3).max(M * ty + 1) * pw * o];
+        let arch = pulp::Arch::new();
+        // Tile row t_y writes padded rows M·t_y + 1 ..= M·t_y + M.
+        let body = &mut out[pw * o..(M * ty + 1) * pw * o];
+        body.par_chunks_mut(M * pw * o).enumerate().for_each(|(t_y, dst)| {
+            SCRATCH.with_borrow_mut(|(v, mm)| {
+                v.resize(nn * BLOCK * c, 0.0);
+                mm.resize(nn * BLOCK * o, 0.0);
+                for x0 in (0..tx).step_by(BLOCK) {
+                    let nb = BLOCK.min(tx - x0);
+                    // The transforms compiled for the CPU's widest vectors (AVX2, AVX-512).
+                    if M == 2 {
+                        arch.dispatch(|| input_transform2(src, t_y, x0, nb, v));
+                    } else {
+                        arch.dispatch(|| input_transform4(src, t_y, x0, nb, v));
+                    }
+                    for kl in 0..nn {
+                        matmul(&v[kl * BLOCK * c..][..nb * c], &self.u[kl * c * o..][..c * o], &mut mm[kl * BLOCK * o..][..nb * o], nb, c, o);
+                    }
+                    if M == 2 {
+                        arch.dispatch(|| self.output_transform2(mm, nb, x0, t_y, h, w, act, dst));
+                    } else {
+                        arch.dispatch(|| self.output_transform4(mm, nb, x0, t_y, h, w, act, dst));
+                    }
+                }
+            });
+        });
+        out.truncate((h + 3) * pw * o);
         out
     }
 
@@ -151,14 +207,13 @@ impl WinogradWeights {
     /// two padded output rows `dst` of tile row `t_y`, for tiles `x0 .. x0 + nb`.
     #[allow(clippy::too_many_arguments)]
     #[inline(always)]
-    fn output_transform(&self, m: &[f32], nb: usize, x0: usize, t_y: usize, h: usize, w: usize, act: Activation<'_>, dst: &mut [f32]) {
+    fn output_transform2(&self, m: &[f32], nb: usize, x0: usize, t_y: usize, h: usize, w: usize, act: Activation<'_>, dst: &mut [f32]) {
         let o = self.o;
         let pw = w + 2;
         for t in 0..nb {
             for o0 in (0..o).step_by(LANES) {
                 let n = LANES.min(o - o0);
                 let mm: [[Lanes; 4]; 4] = std::array::from_fn(|k| std::array::from_fn(|l| load(&m[((k * 4 + l) * BLOCK + t) * o..][..o], o0, n)));
-                let bias = load(&self.bias, o0, n);
                 let s: [[Lanes; 4]; 2] = [
                     std::array::from_fn(|l| add(&add(&mm[0][l], &mm[1][l]), &mm[2][l])),
                     std::array::from_fn(|l| sub(&sub(&mm[1][l], &mm[2][l]), &mm[3][l])),
@@ -173,170 +228,11 @@ impl WinogradWeights {
                         if xo >= w {
                             continue;
                         }
-                        let mut v = add(v, &bias);
-                        match act {
-                            Activation::None => {}
-                            Activation::LeakyRelu(slope) => v.iter_mut().for_each(|x| *x = x.max(*x * slope)),
-                            Activation::PRelu(alpha) => {
-                                let a = load(alpha, o0, n);
-                                for (x, a) in v.iter_mut().zip(a) {
-                                    *x = if *x < 0.0 { *x * a } else { *x };
-                                }
-                            }
-                        }
-                        let at = (a * pw + xo + 1) * o + o0;
-                        dst[at..at + n].copy_from_slice(&v[..n]);
+                        emit(v, &self.bias, o0, n, act, dst, (a * pw + xo + 1) * o + o0);
                     }
                 }
             }
         }
-    }
-}
-
-/// Tiles per block: the block's 16 input and 16 product matrices stay in a core's L2.
-const BLOCK: usize = 32;
-
-thread_local! {
-    /// Per-thread V (16 × BLOCK × C) and M (16 × BLOCK × O), reused across calls.
-    static SCRATCH: std::cell::RefCell<(Vec<f32>, Vec<f32>)> = const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
-}
-
-/// V = Bᵀ d B for tiles `x0 .. x0 + nb` of tile row `t_y`, with
-/// Bᵀ = [[1, 0, −1, 0], [0, 1, 1, 0], [0, −1, 1, 0], [0, 1, 0, −1]]; V holds 16 matrices of
-/// BLOCK × C. Reads past the buffer's end (the last tile of an odd width) are zero padding.
-#[inline(always)]
-#[allow(clippy::too_many_arguments)]
-fn input_transform(p: &[f32], pw: usize, stride: usize, c: usize, t_y: usize, x0: usize, nb: usize, v: &mut [f32]) {
-    let at = |row: usize, col: usize| -> &[f32] {
-        let start = (row * pw + col) * stride;
-        p.get(start..start + c).unwrap_or(&[])
-    };
-    for t in 0..nb {
-        let t_x = x0 + t;
-        let src: [[&[f32]; 4]; 4] = std::array::from_fn(|i| std::array::from_fn(|j| at(2 * t_y + i, 2 * t_x + j)));
-        for c0 in (0..c).step_by(LANES) {
-            let n = LANES.min(c - c0);
-            let d: [[Lanes; 4]; 4] = std::array::from_fn(|i| std::array::from_fn(|j| load(src[i][j], c0, n)));
-            // Rows first (Bᵀ d), then columns (· B).
-            let rows: [[Lanes; 4]; 4] = [
-                std::array::from_fn(|j| sub(&d[0][j], &d[2][j])),
-                std::array::from_fn(|j| add(&d[1][j], &d[2][j])),
-                std::array::from_fn(|j| sub(&d[2][j], &d[1][j])),
-                std::array::from_fn(|j| sub(&d[1][j], &d[3][j])),
-            ];
-            for (k, r) in rows.iter().enumerate() {
-                let q = [sub(&r[0], &r[2]), add(&r[1], &r[2]), sub(&r[2], &r[1]), sub(&r[1], &r[3])];
-                for (l, val) in q.iter().enumerate() {
-                    let at = ((k * 4 + l) * BLOCK + t) * c + c0;
-                    v[at..at + n].copy_from_slice(&val[..n]);
-                }
-            }
-        }
-    }
-}
-
-/// A 3×3 convolution's weights for Winograd F(4×4, 3×3): 36 (C × O) matrices. 36 products
-/// per 16 outputs instead of F(2,3)'s 64, with transforms that use ±2, ±4, ±5, ⅙ and 1/24,
-/// so about a digit less precise.
-pub struct WinogradF4 {
-    u: Vec<f32>,
-    bias: Vec<f32>,
-    c: usize,
-    o: usize,
-}
-
-impl WinogradF4 {
-    /// `weight` (O, C, 3, 3), `bias` (O).
-    pub fn new(weight: &Tensor, bias: &Tensor) -> Result<WinogradF4> {
-        let (o, c, kh, kw) = weight.dims4()?;
-        if (kh, kw) != (3, 3) {
-            candle_core::bail!("Winograd F(4,3) is for 3×3 kernels, not {kh}×{kw}");
-        }
-        let g = weight.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?;
-        const G: [[f64; 3]; 6] = [
-            [0.25, 0.0, 0.0],
-            [-1.0 / 6.0, -1.0 / 6.0, -1.0 / 6.0],
-            [-1.0 / 6.0, 1.0 / 6.0, -1.0 / 6.0],
-            [1.0 / 24.0, 1.0 / 12.0, 1.0 / 6.0],
-            [1.0 / 24.0, -1.0 / 12.0, 1.0 / 6.0],
-            [0.0, 0.0, 1.0],
-        ];
-        let mut u = vec![0f32; 36 * c * o];
-        for oc in 0..o {
-            for ic in 0..c {
-                let k = &g[(oc * c + ic) * 9..][..9];
-                for a in 0..6 {
-                    for b in 0..6 {
-                        let mut s = 0f64;
-                        for i in 0..3 {
-                            for j in 0..3 {
-                                s += G[a][i] * k[i * 3 + j] * G[b][j];
-                            }
-                        }
-                        u[((a * 6 + b) * c + ic) * o + oc] = s as f32;
-                    }
-                }
-            }
-        }
-        let bias = bias.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-        Ok(WinogradF4 { u, bias, c, o })
-    }
-
-    pub fn in_channels(&self) -> usize {
-        self.c
-    }
-
-    /// As [`WinogradWeights::forward`].
-    pub fn forward(&self, x: &Tensor, h: usize, w: usize, act: Activation<'_>) -> Result<Tensor> {
-        let out = with_slice(x, |p| self.forward_slice(p, self.c, h, w, act))?;
-        Tensor::from_vec(out, ((h + 3) * (w + 2), self.o), &Device::Cpu)
-    }
-
-    /// As [`WinogradWeights::forward_slice`].
-    pub fn forward_slice(&self, p: &[f32], stride: usize, h: usize, w: usize, act: Activation<'_>) -> Vec<f32> {
-        let (c, o) = (self.c, self.o);
-        assert!(stride >= c && p.len() >= (h + 3) * (w + 2) * stride, "the activations do not match the convolution");
-        let (ty, tx) = (h.div_ceil(4), w.div_ceil(4));
-        let pw = w + 2;
-        // Room for whole tile rows; rows past the padded image are dropped at the end.
-        let mut out = vec![0f32; (h + 3).max(4 * ty + 1) * pw * o];
-        let u = &self.u;
-        let arch = pulp::Arch::new();
-        let body = &mut out[pw * o..(4 * ty + 1) * pw * o];
-        body.par_chunks_mut(4 * pw * o).enumerate().for_each(|(t_y, dst)| {
-            SCRATCH.with_borrow_mut(|(v, mm)| {
-                v.resize(36 * BLOCK * c, 0.0);
-                mm.resize(36 * BLOCK * o, 0.0);
-                let src = Source { p, h, pw, stride, c };
-                for x0 in (0..tx).step_by(BLOCK) {
-                    let nb = BLOCK.min(tx - x0);
-                    arch.dispatch(|| input_transform4(&src, t_y, x0, nb, v));
-                    for kl in 0..36 {
-                        matmul(&v[kl * BLOCK * c..][..nb * c], &u[kl * c * o..][..c * o], &mut mm[kl * BLOCK * o..][..nb * o], nb, c, o);
-                    }
-                    arch.dispatch(|| self.output_transform4(mm, nb, x0, t_y, h, w, act, dst));
-                }
-            });
-        });
-        out.truncate((h + 3) * pw * o);
-        out
-    }
-
-    /// Bias, activation, and the store of `n` outputs at `at`.
-    #[inline(always)]
-    fn emit(&self, v: &Lanes, o0: usize, n: usize, act: Activation<'_>, dst: &mut [f32], at: usize) {
-        let mut v = add(v, &load(&self.bias, o0, n));
-        match act {
-            Activation::None => {}
-            Activation::LeakyRelu(slope) => v.iter_mut().for_each(|x| *x = x.max(*x * slope)),
-            Activation::PRelu(alpha) => {
-                let a = load(alpha, o0, n);
-                for (x, a) in v.iter_mut().zip(a) {
-                    *x = if *x < 0.0 { *x * a } else { *x };
-                }
-            }
-        }
-        dst[at..at + n].copy_from_slice(&v[..n]);
     }
 
     /// F(4,3)'s Y = Aᵀ M A, Aᵀ = [[1, 1, 1, 1, 1, 0], [0, 1, −1, 2, −2, 0], [0, 1, 1, 4, 4, 0],
@@ -370,7 +266,7 @@ impl WinogradF4 {
                     for (b, v) in ys.iter().enumerate() {
                         let xo = 4 * (x0 + t) + b;
                         if xo < w {
-                            self.emit(v, o0, n, act, dst, (a * pw + xo + 1) * o + o0);
+                            emit(v, &self.bias, o0, n, act, dst, (a * pw + xo + 1) * o + o0);
                         }
                     }
                 }
@@ -378,6 +274,65 @@ impl WinogradF4 {
         }
     }
 
+}
+
+/// Tiles per block: the block's transformed inputs and products stay in a core's L2.
+const BLOCK: usize = 32;
+
+thread_local! {
+    /// Per-thread V ((m+2)² × BLOCK × C) and M ((m+2)² × BLOCK × O), reused across calls.
+    static SCRATCH: std::cell::RefCell<(Vec<f32>, Vec<f32>)> = const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
+}
+
+/// Padded activations as the input transforms read them.
+struct Source<'a> {
+    p: &'a [f32],
+    h: usize,
+    pw: usize,
+    stride: usize,
+    c: usize,
+}
+
+impl Source<'_> {
+    /// The C channels of padded pixel (row, col); empty (zeros) outside the padded image,
+    /// where the last tiles of an odd size reach.
+    #[inline(always)]
+    fn at(&self, row: usize, col: usize) -> &[f32] {
+        if row >= self.h + 3 || col >= self.pw {
+            return &[];
+        }
+        &self.p[(row * self.pw + col) * self.stride..][..self.c]
+    }
+}
+
+/// F(2,3)'s V = Bᵀ d B for tiles `x0 .. x0 + nb` of tile row `t_y`, with
+/// Bᵀ = [[1, 0, −1, 0], [0, 1, 1, 0], [0, −1, 1, 0], [0, 1, 0, −1]]; V holds 16 matrices of
+/// BLOCK × C.
+#[inline(always)]
+fn input_transform2(src: &Source<'_>, t_y: usize, x0: usize, nb: usize, v: &mut [f32]) {
+    let c = src.c;
+    for t in 0..nb {
+        let t_x = x0 + t;
+        let px: [[&[f32]; 4]; 4] = std::array::from_fn(|i| std::array::from_fn(|j| src.at(2 * t_y + i, 2 * t_x + j)));
+        for c0 in (0..c).step_by(LANES) {
+            let n = LANES.min(c - c0);
+            let d: [[Lanes; 4]; 4] = std::array::from_fn(|i| std::array::from_fn(|j| load(px[i][j], c0, n)));
+            // Rows first (Bᵀ d), then columns (· B).
+            let rows: [[Lanes; 4]; 4] = [
+                std::array::from_fn(|j| sub(&d[0][j], &d[2][j])),
+                std::array::from_fn(|j| add(&d[1][j], &d[2][j])),
+                std::array::from_fn(|j| sub(&d[2][j], &d[1][j])),
+                std::array::from_fn(|j| sub(&d[1][j], &d[3][j])),
+            ];
+            for (k, r) in rows.iter().enumerate() {
+                let q = [sub(&r[0], &r[2]), add(&r[1], &r[2]), sub(&r[2], &r[1]), sub(&r[1], &r[3])];
+                for (l, val) in q.iter().enumerate() {
+                    let at = ((k * 4 + l) * BLOCK + t) * c + c0;
+                    v[at..at + n].copy_from_slice(&val[..n]);
+                }
+            }
+        }
+    }
 }
 
 /// F(4,3)'s Aᵀ applied to six lane vectors.
@@ -411,29 +366,13 @@ fn bt4(d: &[Lanes; 6]) -> [Lanes; 6] {
     ]
 }
 
-/// Padded activations as the F(4,3) input transform reads them.
-struct Source<'a> {
-    p: &'a [f32],
-    h: usize,
-    pw: usize,
-    stride: usize,
-    c: usize,
-}
-
 /// F(4,3)'s V = Bᵀ d B for tiles `x0 .. x0 + nb` of tile row `t_y`: 36 matrices of BLOCK × C.
-/// Samples outside the padded image are zeros.
 #[inline(always)]
 fn input_transform4(src: &Source<'_>, t_y: usize, x0: usize, nb: usize, v: &mut [f32]) {
     let c = src.c;
-    let at = |row: usize, col: usize| -> &[f32] {
-        if row >= src.h + 3 || col >= src.pw {
-            return &[];
-        }
-        &src.p[(row * src.pw + col) * src.stride..][..c]
-    };
     for t in 0..nb {
         let t_x = x0 + t;
-        let px: [[&[f32]; 6]; 6] = std::array::from_fn(|i| std::array::from_fn(|j| at(4 * t_y + i, 4 * t_x + j)));
+        let px: [[&[f32]; 6]; 6] = std::array::from_fn(|i| std::array::from_fn(|j| src.at(4 * t_y + i, 4 * t_x + j)));
         for c0 in (0..c).step_by(LANES) {
             let n = LANES.min(c - c0);
             // Columns of d through Bᵀ (rows of Bᵀd), then each row through Bᵀ again (· B).
@@ -494,8 +433,8 @@ mod tests {
             let b = Tensor::randn(0f32, 1f32, (6,), &dev)?;
             let direct = x.conv2d(&wt, 1, 1, 1, 1)?.broadcast_add(&b.reshape((1, 6, 1, 1))?)?;
             let p = Padded::from_nchw(&x)?;
-            let f2 = WinogradWeights::new(&wt, &b)?;
-            let f4 = WinogradF4::new(&wt, &b)?;
+            let f2 = Winograd::f2(&wt, &b)?;
+            let f4 = Winograd::f4(&wt, &b)?;
             type Forward<'a> = &'a dyn Fn(Activation<'static>) -> Result<Tensor>;
             let forwards: [(Forward, f32); 2] =
                 [(&|act| f2.forward(&p.t, h, w, act), 1e-6), (&|act| f4.forward(&p.t, h, w, act), 1e-5)];
