@@ -37,7 +37,7 @@ impl Base {
         let Job { input, outputs, .. } = job;
         let layout = input.layout;
         let c = layout.channels as usize;
-        let ow = self.resampler_width();
+        let ow = self.resampler.out_width();
         let mut pix_row = vec![0f32; ow * c];
         let mut sem_row = vec![0f32; ow * c];
         self.resampler.band(input, y0, rows, &mut self.scratch, |dy, base| {
@@ -56,10 +56,6 @@ impl Base {
                 }
             }
         });
-    }
-
-    fn resampler_width(&self) -> usize {
-        self.resampler.out_width()
     }
 }
 

@@ -102,13 +102,14 @@ impl Tiled {
                         crop.extend_from_slice(&rgb[row + wx.start..row + wx.end]);
                     }
                 }
+                // One input tensor for every network (they only read it).
+                let x = Tensor::from_vec(crop, (1, 3, th, tw), device).map_err(|e| EngineError::Failed(format!("tile input: {e}")))?;
                 let weights_x = tiling::weights(&xs, i, s);
                 let (tow, toh) = (tw * s, th * s);
                 for (n, (net, stage)) in nets.iter().enumerate() {
                     job.calls.check_cancel()?;
                     job.calls.progress(done, total, stage);
                     let fail = |e: candle_core::Error| EngineError::Failed(format!("{stage}: {e}"));
-                    let x = Tensor::from_vec(crop.clone(), (1, 3, th, tw), device).map_err(fail)?;
                     let y = net.forward(&x).map_err(fail)?.flatten_all().map_err(fail)?.to_vec1::<f32>().map_err(fail)?;
                     let acc = &mut strip.nets[n];
                     let plane = strip.rows * ow;
