@@ -155,11 +155,6 @@ impl Padded {
         Ok(Padded { t: (self.t.affine(scale, 0.0)? + &other.t)?, h: self.h, w: self.w })
     }
 
-    /// LeakyReLU with a slope below 1: max(x, slope·x).
-    pub fn leaky_relu(&self, slope: f64) -> Result<Padded> {
-        Ok(Padded { t: self.t.maximum(&self.t.affine(slope, 0.0)?)?, h: self.h, w: self.w })
-    }
-
     /// The interior as (h, w, C).
     fn interior(&self) -> Result<Tensor> {
         let c = self.t.dim(1)?;
