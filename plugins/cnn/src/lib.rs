@@ -14,6 +14,7 @@
 //! interpolated at λ (deep network interpolation). Every 3×3 convolution runs by Winograd on
 //! channels-last activations ([`winograd`]); images are tiled from a memory budget (`tiled`).
 
+mod conv_few;
 pub mod layers;
 mod layers_out;
 pub mod lora;
