@@ -18,6 +18,8 @@ fn main() -> candle_core::Result<()> {
         let net = SrResNet::load_file(path, &Device::Cpu)?;
         Box::new(move |x, f| net.forward_timed(x, f))
     };
+    let status = || std::fs::read_to_string("/proc/self/status").unwrap().lines().filter(|l| l.starts_with("VmRSS") || l.starts_with("VmHWM")).collect::<Vec<_>>().join(" ");
+    println!("after load: {}", status());
     let x = Tensor::rand(0f32, 1f32, (1, 3, side, side), &Device::Cpu)?;
     for run in 0..2 {
         let mut total = 0.0;
@@ -27,6 +29,7 @@ fn main() -> candle_core::Result<()> {
             line.push(format!("{name} {:.0} ms", s * 1e3));
         })?;
         println!("run {run}: {:.2} s = {}", total, line.join(", "));
+        println!("  {}", status());
     }
     Ok(())
 }

@@ -57,6 +57,15 @@ impl Padded {
             .contiguous()
     }
 
+    /// Rows `r0..r1` of the interior, as their own padded activations.
+    pub fn rows(&self, r0: usize, r1: usize) -> Result<Padded> {
+        let pw = self.w + 2;
+        // Interior rows r0..r1 are padded rows r0 + 1 ..= r1, each with its zero columns.
+        let body = self.t.narrow(0, (r0 + 1) * pw, (r1 - r0) * pw)?;
+        let t = body.pad_with_zeros(0, pw, 2 * pw)?;
+        Ok(Padded { t, h: r1 - r0, w: self.w })
+    }
+
     pub fn add(&self, other: &Padded) -> Result<Padded> {
         Ok(Padded { t: (&self.t + &other.t)?, h: self.h, w: self.w })
     }

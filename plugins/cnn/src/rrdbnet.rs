@@ -59,6 +59,8 @@ pub struct RrdbNet {
     conv_up2: ConvCl,
     conv_hr: ConvCl,
     conv_last: ConvCl,
+    /// Feature pixels per strip of the ×4 tail ([`TAIL_STRIP_PIXELS`]).
+    tail_strip_pixels: usize,
 }
 
 impl RrdbNet {
@@ -81,6 +83,7 @@ impl RrdbNet {
             conv_up2: conv("conv_up2")?,
             conv_hr: conv("conv_hr")?,
             conv_last: conv("conv_last")?,
+            tail_strip_pixels: TAIL_STRIP_PIXELS,
         })
     }
 
@@ -112,21 +115,86 @@ impl RrdbNet {
             h = y.scale_add(RESIDUAL_SCALE, &h)?;
         }
         let feat = feat.add(&self.conv_body.forward(&h)?)?;
+        drop(h);
         lap("body");
-        let u = self.conv_up1.forward_act(&feat.upsample2()?, LEAKY)?.upsample2()?;
-        lap("up1");
-        let u = self.conv_up2.forward_act(&u, LEAKY)?;
-        lap("up2");
-        let u = self.conv_hr.forward_act(&u, LEAKY)?;
-        lap("hr");
-        let y = self.conv_last.forward(&u)?.to_nchw()?;
-        lap("last");
+        // The ×4 tail in strips of feature rows, each with TAIL_HALO rows of context on both
+        // sides: its activations at the output resolution are the network's largest (64
+        // channels at 16× the pixels), and strips keep them to a few MiB.
+        let rows = (self.tail_strip_pixels / feat.w).clamp(TAIL_HALO, feat.h.max(TAIL_HALO));
+        let mut strips = Vec::with_capacity(feat.h.div_ceil(rows));
+        for r0 in (0..feat.h).step_by(rows) {
+            let r1 = (r0 + rows).min(feat.h);
+            let (a, b) = (r0.saturating_sub(TAIL_HALO), (r1 + TAIL_HALO).min(feat.h));
+            let y = self.tail(&feat.rows(a, b)?)?;
+            strips.push(y.narrow(2, 4 * (r0 - a), 4 * (r1 - r0))?);
+        }
+        let y = Tensor::cat(&strips, 2)?;
+        lap("tail");
         Ok(y)
     }
+
+    /// Features → the ×4 image (1, 3, 4h, 4w): upsample, conv, LeakyReLU, twice, then conv_hr
+    /// with LeakyReLU and conv_last.
+    fn tail(&self, feat: &Padded) -> Result<Tensor> {
+        let u = self.conv_up1.forward_act(&feat.upsample2()?, LEAKY)?.upsample2()?;
+        let u = self.conv_up2.forward_act(&u, LEAKY)?;
+        let u = self.conv_hr.forward_act(&u, LEAKY)?;
+        self.conv_last.forward(&u)?.to_nchw()
+    }
 }
+
+/// Feature rows of context a tail strip needs: through one 3×3 convolution at 2× and three at
+/// 4×, an output row reaches feature rows up to two away.
+const TAIL_HALO: usize = 2;
+
+/// Feature pixels per tail strip: 4096 become 65536 output pixels, 16 MiB of 64 channels.
+const TAIL_STRIP_PIXELS: usize = 4096;
 
 impl Module for RrdbNet {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         RrdbNet::forward(self, x)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A one-block RRDBNet of 8 features and growth 4 with random weights.
+    fn tiny() -> Result<RrdbNet> {
+        let dev = Device::Cpu;
+        let mut w = std::collections::HashMap::new();
+        let mut conv = |name: String, c: usize, o: usize| -> Result<()> {
+            w.insert(format!("{name}.weight"), (Tensor::randn(0f32, 1f32, (o, c, 3, 3), &dev)? / (3.0 * c as f64).sqrt())?);
+            w.insert(format!("{name}.bias"), (Tensor::randn(0f32, 1f32, o, &dev)? * 0.1)?);
+            Ok(())
+        };
+        conv("conv_first".into(), 3, 8)?;
+        for r in 1..=3 {
+            for k in 1..=5 {
+                conv(format!("body.0.rdb{r}.conv{k}"), 8 + 4 * (k - 1), if k == 5 { 8 } else { 4 })?;
+            }
+        }
+        for name in ["conv_body", "conv_up1", "conv_up2", "conv_hr"] {
+            conv(name.into(), 8, 8)?;
+        }
+        conv("conv_last".into(), 8, 3)?;
+        RrdbNet::load(&Weights(w))
+    }
+
+    #[test]
+    fn the_tail_in_strips_equals_the_tail_whole() -> Result<()> {
+        let mut net = tiny()?;
+        let x = Tensor::rand(0f32, 1f32, (1, 3, 23, 10), &Device::Cpu)?;
+        let whole = net.forward(&x)?;
+        // Three feature rows a strip: eight strips, the last one short.
+        net.tail_strip_pixels = 30;
+        let strips = net.forward(&x)?;
+        assert_eq!(strips.dims(), [1, 3, 92, 40]);
+        let diff = (&whole - strips)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+        let scale = whole.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+        // F(4,3) tiles fall on other pixels in a strip: equal within rounding, not bitwise.
+        assert!(diff < 1e-5 * scale, "{diff} of {scale}");
+        Ok(())
     }
 }
