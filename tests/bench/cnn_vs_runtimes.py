@@ -1,7 +1,7 @@
-"""The cnn networks in Tessera next to ONNX Runtime and OpenVINO: same weights, same machine,
-same thread count, same run.
+"""The cnn networks in Tessera next to ONNX Runtime, OpenVINO and PyTorch: same weights, same
+machine, same thread count, same run; time and peak memory.
 
-    pip install onnx onnxruntime openvino          # dev-only
+    pip install onnx onnxruntime openvino torch    # dev-only (torch: any build; it runs on the CPU)
     cargo build --release --workspace
     TESSERA_BIN_DIR=target/release python3 tests/bench/cnn_vs_runtimes.py [--model srresnet|rrdbnet] [--sizes 128,256]
 
@@ -10,13 +10,18 @@ folded with Keras's ε = 1e-3, DepthToSpace in CRD mode = torch's pixel_shuffle)
 against the TensorFlow fixture, or Real-ESRGAN x4plus's RRDBNet (BasicSR's forward), checked
 against the ncnn fixture. OpenVINO compiles the same graph for its CPU plug-in. Tessera is timed
 as a whole job (srgan-pair runs two networks and is halved) so its figure includes the tiling,
-the layers and the transport that the others' does not. ncnn: tests/bench/realesrgan_vs_ncnn.py.
+the layers and the transport that the others' does not. PyTorch runs the same networks written
+with torch.nn.functional on channels-last tensors (oneDNN), in inference mode. Every other
+runtime runs each size in a fresh child process, so its VmHWM is that size's peak, model
+compilation included; Tessera's peak is its worker's VmHWM (sizes ascend, so it is the last
+size's). ncnn: tests/bench/realesrgan_vs_ncnn.py.
 """
 
 import argparse
 import json
 import os
 import struct
+import subprocess
 import sys
 import tempfile
 import time
@@ -31,7 +36,7 @@ ROOT = os.path.dirname(os.path.dirname(HERE))
 sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, os.path.join(ROOT, "adapters", "python"))
 
-from harness import Daemon, bin_dir  # noqa: E402
+from harness import Daemon, bin_dir, vm_hwm_mib  # noqa: E402
 
 
 def read_safetensors(path):
@@ -135,6 +140,122 @@ def srresnet_onnx(t):
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
+def rrdbnet_torch(t, torch, F):
+    w = {k: torch.from_numpy(v.copy()).contiguous(memory_format=torch.channels_last) if v.ndim == 4 else torch.from_numpy(v.copy())
+         for k, v in t.items()}
+
+    def conv(x, name, lrelu=False):
+        y = F.conv2d(x, w[name + ".weight"], w[name + ".bias"], padding=1)
+        return F.leaky_relu(y, 0.2) if lrelu else y
+
+    num_block = len({k.split(".")[1] for k in t if k.startswith("body.")})
+
+    def forward(x):
+        feat = conv(x, "conv_first")
+        h = feat
+        for b in range(num_block):
+            y = h
+            for r in (1, 2, 3):
+                p = "body.%d.rdb%d" % (b, r)
+                parts = [y]
+                for c in range(1, 5):
+                    parts.append(conv(torch.cat(parts, 1), "%s.conv%d" % (p, c), lrelu=True))
+                y = conv(torch.cat(parts, 1), p + ".conv5") * 0.2 + y
+            h = y * 0.2 + h
+        h = feat + conv(h, "conv_body")
+        for up in ("conv_up1", "conv_up2"):
+            h = conv(F.interpolate(h, scale_factor=2, mode="nearest"), up, lrelu=True)
+        return conv(conv(h, "conv_hr", lrelu=True), "conv_last")
+    return forward
+
+
+def srresnet_torch(t, torch, F):
+    def folded(name, bn=None):
+        w, b = t[name + ".weight"].astype(np.float64), t[name + ".bias"].astype(np.float64)
+        if bn:
+            s = t[bn + ".weight"] / np.sqrt(t[bn + ".running_var"] + 1e-3)
+            w, b = w * s[:, None, None, None], (b - t[bn + ".running_mean"]) * s + t[bn + ".bias"]
+        return (torch.from_numpy(w.astype(np.float32)).contiguous(memory_format=torch.channels_last),
+                torch.from_numpy(b.astype(np.float32)))
+
+    convs = {"conv_first": folded("conv_first"), "conv_body": folded("conv_body", "bn_body"),
+             "conv_up1": folded("conv_up1"), "conv_up2": folded("conv_up2"), "conv_last": folded("conv_last")}
+    for i in range(16):
+        for k in (1, 2):
+            convs["body.%d.conv%d" % (i, k)] = folded("body.%d.conv%d" % (i, k), "body.%d.bn%d" % (i, k))
+    alpha = {k[:-len(".weight")]: torch.from_numpy(v.reshape(-1).copy()) for k, v in t.items() if "prelu" in k}
+
+    def conv(x, name):
+        w, b = convs[name]
+        return F.conv2d(x, w, b, padding=w.shape[-1] // 2)
+
+    def forward(x):
+        x1 = F.prelu(conv(x, "conv_first"), alpha["prelu_first"])
+        h = x1
+        for i in range(16):
+            r = F.prelu(conv(h, "body.%d.conv1" % i), alpha["body.%d.prelu" % i])
+            h = h + conv(r, "body.%d.conv2" % i)
+        h = conv(h, "conv_body") + x1
+        for up in ("up1", "up2"):
+            h = F.prelu(F.pixel_shuffle(conv(h, "conv_" + up), 2), alpha["prelu_" + up])
+        return (torch.tanh(conv(h, "conv_last")) + 1) * 0.5
+    return forward
+
+
+def runner(name, model, threads):
+    """`name`'s forward on a (1, 3, h, w) float32 array, built from the store's weights."""
+    _, filename, build, _, _, _ = MODELS[model]
+    t = read_safetensors(os.path.join(store_dir(), MODELS[model][0], filename))
+    if name == "PyTorch":
+        import torch
+        import torch.nn.functional as F
+        torch.set_num_threads(threads)
+        forward = (rrdbnet_torch if model == "rrdbnet" else srresnet_torch)(t, torch, F)
+
+        def run(x):
+            with torch.inference_mode():
+                return forward(torch.from_numpy(x).contiguous(memory_format=torch.channels_last)).numpy()
+        return run, "PyTorch " + torch.__version__.split("+")[0]
+    graph = build(t).SerializeToString()
+    if name == "ONNX Runtime":
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+        sess = ort.InferenceSession(graph, opts, providers=["CPUExecutionProvider"])
+        return (lambda x: sess.run(["y"], {"x": x})[0]), "ONNX Runtime " + ort.__version__
+    import openvino as ov
+    core = ov.Core()
+    compiled = core.compile_model(core.read_model(graph, b""), "CPU",
+                                  {"INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": "f32"})
+    return (lambda x: compiled(x)[0]), "OpenVINO " + ov.__version__.split("-")[0]
+
+
+def store_dir():
+    return os.environ.get("TESSERA_MODEL_DIR") or os.path.expanduser("~/.local/share/tessera/models")
+
+
+def child(name, model, side, repeat, threads):
+    """Prints the runtime's full name, then its max |Δ| against the fixture (side 0) or its best
+    time and this process's peak memory."""
+    run, full = runner(name, model, threads)
+    fixture, expected = MODELS[model][3], MODELS[model][4]
+    if side == 0:
+        fx = np.load(os.path.join(ROOT, "tests", "fixtures", fixture))
+        x = (fx["input_cat"].astype(np.float32) / 255).transpose(2, 0, 1)[None]
+        y = np.asarray(run(np.ascontiguousarray(x)))[0].transpose(1, 2, 0)
+        print(json.dumps({"name": full, "delta": float(np.abs(y - fx[expected]).max())}))
+        return
+    img = np.random.default_rng(0).random((1, 3, side, side), dtype=np.float32)
+    best = min(_timed(lambda: run(img)) for _ in range(repeat))
+    print(json.dumps({"name": full, "seconds": best, "mib": vm_hwm_mib(os.getpid())}))
+
+
+def in_child(name, model, side, repeat, threads):
+    out = subprocess.run([sys.executable, __file__, "--child", name, "--model", model, "--sizes", str(side),
+                          "--repeat", str(repeat)], check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
 MODELS = {
     # network: (store model, file, graph builder, fixture, fixture key of the expected output, networks a job runs)
     "srresnet": ("srgan-pair", "srresnet.safetensors", srresnet_onnx, "srgan_tf.npz", "pre_cat", 2),
@@ -142,54 +263,48 @@ MODELS = {
 }
 
 
+RUNTIMES = ("ONNX Runtime", "OpenVINO", "PyTorch")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="srresnet", choices=sorted(MODELS))
     ap.add_argument("--sizes", default="128,256")
     ap.add_argument("--repeat", type=int, default=2)
+    ap.add_argument("--runtimes", default=",".join(RUNTIMES), help="a comma-separated subset of: " + ", ".join(RUNTIMES))
+    ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
-    model_id, filename, build, fixture, expected, nets = MODELS[args.model]
-    store = os.environ.get("TESSERA_MODEL_DIR") or os.path.expanduser("~/.local/share/tessera/models")
-    graph = build(read_safetensors(os.path.join(store, model_id, filename))).SerializeToString()
     threads = os.cpu_count()
-    runners = {}
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    sess = ort.InferenceSession(graph, opts, providers=["CPUExecutionProvider"])
-    runners["ONNX Runtime " + ort.__version__] = lambda x: sess.run(["y"], {"x": x})[0]
-    try:
-        import openvino as ov
-        core = ov.Core()
-        compiled = core.compile_model(core.read_model(graph, b""), "CPU",
-                                      {"INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": "f32"})
-        runners["OpenVINO " + ov.__version__.split("-")[0]] = lambda x: compiled(x)[0]
-    except ImportError:
-        print("(OpenVINO is not installed: pip install openvino)")
-
-    fx = np.load(os.path.join(ROOT, "tests", "fixtures", fixture))
-    x = (fx["input_cat"].astype(np.float32) / 255).transpose(2, 0, 1)[None]
-    for name, run in runners.items():
-        y = np.asarray(run(x))[0].transpose(1, 2, 0)
-        print("%s vs the fixture: max |Δ| %.1e on [0, 1]" % (name, np.abs(y - fx[expected]).max()))
-    print("%s, %d threads, best of %d" % (args.model, threads, args.repeat))
-    print("%-8s" % "input" + "".join("%20s" % n for n in runners) + "%14s" % "Tessera" + "".join("%18s" % ("T / " + n.split()[0]) for n in runners))
+    sizes = [int(s) for s in args.sizes.split(",")]
+    if args.child:
+        return child(args.child, args.model, sizes[0], args.repeat, threads)
+    model_id, _, _, _, _, nets = MODELS[args.model]
+    names = {}
+    for name in args.runtimes.split(","):
+        check = in_child(name, args.model, 0, 1, threads)
+        names[name] = check["name"]
+        print("%s vs the fixture: max |Δ| %.1e on [0, 1]" % (check["name"], check["delta"]))
+    print("%s, %d threads, best of %d; seconds (peak MiB)" % (args.model, threads, args.repeat))
+    print("%-7s" % "input" + "".join("%24s" % n for n in names.values()) + "%16s" % "Tessera"
+          + "".join("%14s" % ("T / " + n.split()[0]) for n in names))
     rng = np.random.default_rng(0)
-    with tempfile.TemporaryDirectory() as tmp, Daemon(os.path.join(tmp, "rt"), env={"TESSERA_MODEL_DIR": store}) as d, d.client() as c:
-        for side in (int(s) for s in args.sizes.split(",")):
+    with tempfile.TemporaryDirectory() as tmp, Daemon(os.path.join(tmp, "rt"), env={"TESSERA_MODEL_DIR": store_dir()}) as d, d.client() as c:
+        worker = c.list()["workers"][0]["pid"]
+        for side in sizes:
+            others = [in_child(name, args.model, side, args.repeat, threads) for name in names]
             img = rng.random((1, 3, side, side), dtype=np.float32)
-            others = [min(_timed(lambda: run(img)) for _ in range(args.repeat)) for run in runners.values()]
             buf = c.alloc(side, side, 3, sample="f32")
             np.frombuffer(buf.view, np.float32)[:] = img[0].transpose(1, 2, 0).ravel()
             best_t = float("inf")
             for _ in range(args.repeat):
-                job = c.submit(model_id, 4, buf, output_sample="f32")
+                job = c.submit(model_id, 4, buf, params={"tile": 4096}, output_sample="f32")
                 for layer in job.wait(timeout=3600):
                     c.release(layer)
                 best_t = min(best_t, job.seconds / nets)
             c.release(buf)
-            print("%-8s" % ("%d²" % side) + "".join("%19.2fs" % o for o in others) + "%13.2fs" % best_t
-                  + "".join("%17.2f×" % (best_t / o) for o in others))
+            cell = lambda s, mib: "%.2fs (%4.0f)" % (s, mib)  # noqa: E731
+            print("%-7s" % ("%d²" % side) + "".join("%24s" % cell(o["seconds"], o["mib"]) for o in others)
+                  + "%16s" % cell(best_t, vm_hwm_mib(worker)) + "".join("%13.2f×" % (best_t / o["seconds"]) for o in others))
     print("binaries: %s" % bin_dir())
 
 

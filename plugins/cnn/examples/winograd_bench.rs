@@ -9,7 +9,7 @@ use tessera_cnn::winograd::{Activation, Winograd};
 
 fn main() -> candle_core::Result<()> {
     let dev = Device::Cpu;
-    for (side, c, o) in [(128usize, 64usize, 64usize), (128, 64, 32), (128, 192, 64), (256, 64, 64), (512, 64, 64)] {
+    for (side, c, o) in [(128usize, 64usize, 32usize), (256, 64, 32), (128, 192, 64), (256, 192, 64), (128, 64, 64), (256, 64, 64)] {
         let x = Padded::from_nchw(&Tensor::rand(0f32, 1f32, (1, c, side, side), &dev)?)?;
         let wt = Tensor::rand(-0.1f32, 0.1f32, (o, c, 3, 3), &dev)?;
         let b = Tensor::zeros(o, candle_core::DType::F32, &dev)?;
