@@ -3,6 +3,8 @@
 #   <prefix>/bin/{tesserad,tessera}
 #   <prefix>/lib/tessera/plugins/libtessera_*.so      (tesserad finds them next to itself)
 #   <prefix>/python/tessera_client                    (the adapters' shared client)
+#   ${XDG_CONFIG_HOME:-~/.config}/GIMP/3.0/plug-ins/tessera-upscale/   (GIMP 3: Filters → Enhance,
+#                                                     with its own copy of the client)
 # <prefix> defaults to ${XDG_DATA_HOME:-~/.local/share}/tessera, where the Python client
 # looks for tesserad; pass another as the first argument.
 set -euo pipefail
@@ -18,5 +20,11 @@ done
 rm -rf "$prefix/python/tessera_client"
 cp -r adapters/python/tessera_client "$prefix/python/"
 find "$prefix/python" -name __pycache__ -prune -exec rm -rf {} +
+gimp=${XDG_CONFIG_HOME:-$HOME/.config}/GIMP/3.0/plug-ins/tessera-upscale
+rm -rf "$gimp"
+install -d "$gimp"
+install -m 755 adapters/gimp/tessera-upscale/tessera-upscale.py "$gimp/"
+cp -r "$prefix/python/tessera_client" "$gimp/"
+echo "installed the GIMP 3 plug-in into $gimp"
 echo "installed into $prefix"
 echo "  add $prefix/bin to PATH to run 'tessera' from anywhere"

@@ -133,6 +133,30 @@ class Buffer(object):
                              % (length, offset, self.id, self.size))
         return self.view[offset:end].tobytes()
 
+    def write_pixels(self, data: Any) -> None:
+        """Copies tightly packed rows (``width · channels`` samples each) into the buffer,
+        honouring its row stride."""
+        from .pixels import row_bytes, stride
+        row, step = row_bytes(self.layout), stride(self.layout)
+        src = memoryview(data).cast("B")
+        height = int(self.layout["height"])
+        if src.nbytes != row * height:
+            raise ValueError("expected %d bytes of pixels for buffer %s, got %d" % (row * height, self.id, src.nbytes))
+        if row == step:
+            self.write(src)
+            return
+        for y in range(height):
+            self.write(src[y * row:(y + 1) * row], y * step)
+
+    def read_pixels(self) -> bytes:
+        """The pixels as tightly packed rows (the row stride's padding left out)."""
+        from .pixels import row_bytes, stride
+        row, step = row_bytes(self.layout), stride(self.layout)
+        height = int(self.layout["height"])
+        if row == step:
+            return self.read(0, row * height)
+        return b"".join(self.read(y * step, row) for y in range(height))
+
     def __enter__(self) -> Buffer:
         return self
 

@@ -1,0 +1,291 @@
+#!/usr/bin/env python3
+"""Tessera Upscale for GIMP 3: Filters → Enhance → Tessera Upscale…
+
+Upscales the active layer with a Tessera engine and adds the layer contract's layers (base,
+pixel detail, semantic detail) as a layer group to blend by hand. All model work happens in
+the Tessera daemon (started on demand); this file only moves pixels between GIMP and the
+shared Python client (`tessera_client`, installed next to this file).
+
+GIMP 3 registers a Python plug-in only as plug-ins/tessera-upscale/tessera-upscale.py,
+executable.
+"""
+
+import json
+import os
+import sys
+
+import gi
+
+gi.require_version("Gimp", "3.0")
+gi.require_version("Gegl", "0.4")
+from gi.repository import Gegl, Gimp, GLib, GObject  # noqa: E402
+
+PROC = "plug-in-tessera-upscale"
+PARASITE = "tessera-settings"
+RW = GObject.ParamFlags.READWRITE
+
+
+def _import_client():
+    """The shared client: next to this file (as the installer puts it), else where
+    $TESSERA_PYTHON_DIR or Tessera's data folder holds it."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    data = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
+    for folder in (here, os.environ.get("TESSERA_PYTHON_DIR"), os.path.join(data, "tessera", "python")):
+        if folder and os.path.isdir(os.path.join(folder, "tessera_client")):
+            if folder not in sys.path:
+                sys.path.insert(0, folder)
+            break
+    import tessera_client
+    return tessera_client
+
+
+class Failure(Exception):
+    """A message for the user; the document has not been touched."""
+
+
+class Space(object):
+    """How the drawable's pixels are read and its result layers are written and composited:
+    in the image's own space (linear light or perceptual), as floats, and back in the
+    image's own sample type."""
+
+    def __init__(self, image, drawable):
+        nick = image.get_precision().value_nick  # e.g. "u8-non-linear", "float-linear"
+        self.linear = nick.endswith("-linear") and not nick.endswith("-non-linear")
+        self.float_doc = nick.startswith(("half", "float", "double"))
+        # Integer documents take integer results, residuals stored as 0.5 + R (Grain Merge);
+        # float documents take signed residuals (Addition).
+        self.sample = "f32" if self.float_doc else ("u8" if nick.startswith("u8") else "u16")
+        self.gray = drawable.is_gray()
+        self.alpha = drawable.has_alpha()
+        self.channels = (1 if self.gray else 3) + (1 if self.alpha else 0)
+
+    def babl(self, sample, alpha):
+        prime = "" if self.linear else "'"
+        name = ("Y" + prime) if self.gray else "R{0}G{0}B{0}".format(prime)
+        return "%s%s %s" % (name, "A" if alpha else "", {"f32": "float", "u8": "u8", "u16": "u16"}[sample])
+
+    def layer_type(self, alpha):
+        if self.gray:
+            return Gimp.ImageType.GRAYA_IMAGE if alpha else Gimp.ImageType.GRAY_IMAGE
+        return Gimp.ImageType.RGBA_IMAGE if alpha else Gimp.ImageType.RGB_IMAGE
+
+    def color_space(self):
+        return Gimp.LayerColorSpace.RGB_LINEAR if self.linear else Gimp.LayerColorSpace.RGB_PERCEPTUAL
+
+
+def settings_of(config):
+    return {
+        "engine": config.get_property("engine") or None,
+        "model": config.get_property("model"),
+        "scale": config.get_property("scale"),
+        "new_image": config.get_property("new-image"),
+        "pixel_opacity": config.get_property("pixel-opacity"),
+        "semantic_opacity": config.get_property("semantic-opacity"),
+    }
+
+
+def read_pixels(drawable, fmt):
+    w, h = drawable.get_width(), drawable.get_height()
+    rect = Gegl.Rectangle.new(0, 0, w, h)
+    return bytes(drawable.get_buffer().get(rect, 1.0, fmt, Gegl.AbyssPolicy.CLAMP))
+
+
+def read_selection(image, drawable):
+    """The selection over the drawable's area as "Y float", or None when nothing is selected."""
+    if Gimp.Selection.is_empty(image):
+        return None
+    ok, ox, oy = drawable.get_offsets()
+    rect = Gegl.Rectangle.new(ox, oy, drawable.get_width(), drawable.get_height())
+    return bytes(image.get_selection().get_buffer().get(rect, 1.0, "Y float", Gegl.AbyssPolicy.NONE))
+
+
+def run_job(tc, settings, width, height, channels, pixels, sample, progress):
+    """Runs one job on the daemon and returns its layers as (layer info, bytes), bottom first.
+    Nothing here touches the document, so any failure leaves it as it was."""
+    try:
+        client = tc.Client.connect(client="tessera-gimp/0.1", timeout=60.0)
+    except tc.TesseraError as e:
+        raise Failure("Tessera could not start or reach its daemon: %s" % e)
+    try:
+        buf = client.alloc(width, height, channels, sample="f32")
+        buf.write_pixels(pixels)
+        job = client.submit(settings["model"], settings["scale"], buf, plugin=settings["engine"], output_sample=sample)
+        layers = job.wait(progress=progress)
+        out = [(layer, layer.buffer.read_pixels()) for layer in layers]
+        for layer in layers:
+            client.release(layer.buffer)
+        client.release(buf)
+        return out
+    except tc.TesseraError as e:
+        raise Failure(str(e))
+    finally:
+        client.close()
+
+
+def without_alpha(data, channels, sample):
+    """Interleaved pixels with their last channel dropped (a residual's alpha is the image's,
+    which the layer below already carries)."""
+    import array
+    values = array.array({"u8": "B", "u16": "H", "f32": "f"}[sample])
+    values.frombytes(data)
+    del values[channels - 1::channels]
+    return values.tobytes()
+
+
+def group_name(drawable, settings, scale):
+    return "%s · Tessera ×%d %s" % (drawable.get_name(), scale, settings["model"])
+
+
+def add_result(target, parent, position, offsets, space, settings, drawable, layers, mask):
+    """The result group with its layers, inserted at `position` under `parent` of `target`."""
+    group = Gimp.GroupLayer.new(target, group_name(drawable, settings, settings["scale"]))
+    target.insert_layer(group, parent, position)
+    group.set_offsets(*offsets)
+    opacity = {"pixel_detail": settings["pixel_opacity"], "semantic_detail": settings["semantic_opacity"]}
+    for info, data in layers:
+        w, h = int(info.buffer.layout["width"]), int(info.buffer.layout["height"])
+        residual = info.role != "base"
+        alpha = space.alpha and not residual
+        if residual and space.alpha:
+            data = without_alpha(data, space.channels, space.sample)
+        if not residual:
+            mode = Gimp.LayerMode.NORMAL
+        elif info.blend == "grain_merge":
+            mode = Gimp.LayerMode.GRAIN_MERGE
+        else:
+            mode = Gimp.LayerMode.ADDITION
+        layer = Gimp.Layer.new(target, info.name, w, h, space.layer_type(alpha), opacity.get(info.role, 100.0), mode)
+        target.insert_layer(layer, group, 0)
+        layer.set_offsets(*offsets)
+        buf = layer.get_buffer()
+        buf.set(Gegl.Rectangle.new(0, 0, w, h), space.babl(space.sample, alpha), data)
+        buf.flush()
+        if residual:
+            # Opacity a adds exactly a·R: blend in the space the residual was computed in, and
+            # keep the coverage of the layers below.
+            layer.set_blend_space(space.color_space())
+            layer.set_composite_space(space.color_space())
+            layer.set_composite_mode(Gimp.LayerCompositeMode.CLIP_TO_BACKDROP)
+            if mask is not None:
+                m = layer.create_mask(Gimp.AddMaskType.WHITE)
+                layer.add_mask(m)
+                m.get_buffer().set(Gegl.Rectangle.new(0, 0, w, h), "Y float", mask)
+                m.get_buffer().flush()
+        layer.update(0, 0, w, h)
+    record = dict(settings, source=drawable.get_name())
+    group.attach_parasite(Gimp.Parasite.new(PARASITE, Gimp.PARASITE_PERSISTENT, list(json.dumps(record).encode())))
+    return group
+
+
+def upscale(image, drawable, settings):
+    """Returns the image that holds the result (`image`, or a new one)."""
+    tc = _import_client()
+    if not isinstance(drawable, Gimp.Layer) or isinstance(drawable, Gimp.GroupLayer):
+        raise Failure("Tessera Upscale works on a pixel layer; pick one in the Layers dialog.")
+    if image.get_base_type() == Gimp.ImageBaseType.INDEXED and not settings["new_image"]:
+        raise Failure("This image is indexed; convert it to RGB (Image → Mode → RGB) or choose "
+                      "\"open a new image\".")
+    space = Space(image, drawable)
+    if drawable.is_indexed():
+        space.gray, space.sample = False, "u8"
+        space.channels = 3 + (1 if space.alpha else 0)
+    w, h, s = drawable.get_width(), drawable.get_height(), settings["scale"]
+    pixels = read_pixels(drawable, space.babl("f32", space.alpha))
+    selection = read_selection(image, drawable)
+
+    Gimp.progress_init("Tessera: upscaling %s ×%d" % (drawable.get_name(), s))
+
+    def progress(ev):
+        total = ev.get("total") or 0
+        if total:
+            Gimp.progress_update(min(1.0, float(ev.get("done", 0)) / total))
+
+    layers = run_job(tc, settings, w, h, space.channels, pixels, space.sample, progress)
+    mask = None
+    if selection is not None and any(info.role != "base" for info, _ in layers):
+        # The selection, upscaled like the image, limits where detail is added.
+        mask_layers = run_job(tc, {"engine": "classic", "model": "classic", "scale": s}, w, h, 1, selection, "f32", None)
+        mask = mask_layers[0][1]
+    Gimp.progress_update(1.0)
+
+    if settings["new_image"]:
+        base_type = Gimp.ImageBaseType.GRAY if space.gray else Gimp.ImageBaseType.RGB
+        precision = Gimp.Precision.U8_NON_LINEAR if drawable.is_indexed() else image.get_precision()
+        target = Gimp.Image.new_with_precision(w * s, h * s, base_type, precision)
+        target.undo_disable()
+        add_result(target, None, 0, (0, 0), space, settings, drawable, layers, mask)
+        target.undo_enable()
+        return target
+    image.undo_group_start()
+    try:
+        image.scale(image.get_width() * s, image.get_height() * s)
+        ok, ox, oy = drawable.get_offsets()
+        parent = drawable.get_parent()
+        add_result(image, parent, image.get_item_position(drawable), (ox, oy), space, settings, drawable, layers, mask)
+        # The group is this layer upscaled; where it is not opaque the original would show
+        # through it.
+        drawable.set_visible(False)
+    finally:
+        image.undo_group_end()
+    return image
+
+
+class TesseraUpscale(Gimp.PlugIn):
+    def do_query_procedures(self):
+        return [PROC]
+
+    def do_set_i18n(self, name):
+        return False
+
+    def do_create_procedure(self, name):
+        p = Gimp.ImageProcedure.new(self, name, Gimp.PDBProcType.PLUGIN, self.run, None)
+        p.set_image_types("*")
+        p.set_sensitivity_mask(Gimp.ProcedureSensitivityMask.DRAWABLE)
+        p.set_menu_label("Tessera Upscale…")
+        p.add_menu_path("<Image>/Filters/Enhance")
+        p.set_documentation(
+            "Upscale the active layer into base, pixel-detail and semantic-detail layers",
+            "Runs a Tessera engine on the active layer and adds a layer group: the plain upscale "
+            "and two residual layers to blend by hand (opacity, masks). The selection, if any, "
+            "becomes a mask on the detail layers.",
+            name)
+        p.set_attribution("Tessera", "Tessera", "2026")
+        p.add_string_argument("engine", "Engine", "Engine id (empty: the one that has the model)", "", RW)
+        p.add_string_argument("model", "Model", "Model id from the daemon's list", "srgan-pair", RW)
+        p.add_int_argument("scale", "Scale", "Upscaling factor", 1, 8, 4, RW)
+        p.add_boolean_argument("new-image", "Open a new image", "Put the result in a new image instead of scaling this one", False, RW)
+        p.add_double_argument("pixel-opacity", "Pixel detail opacity", "Initial opacity of the pixel detail layer", 0.0, 100.0, 100.0, RW)
+        p.add_double_argument("semantic-opacity", "Semantic detail opacity", "Initial opacity of the semantic detail layer", 0.0, 100.0, 100.0, RW)
+        p.add_image_return_value("result-image", "Result image", "The image that holds the result", False, RW)
+        return p
+
+    def run(self, procedure, run_mode, image, drawables, config, data):
+        Gegl.init(None)
+        if run_mode == Gimp.RunMode.INTERACTIVE:
+            gi.require_version("GimpUi", "3.0")
+            from gi.repository import GimpUi
+            GimpUi.init(PROC)
+            dialog = GimpUi.ProcedureDialog.new(procedure, config, "Tessera Upscale")
+            dialog.fill(None)
+            ok = dialog.run()
+            dialog.destroy()
+            if not ok:
+                return procedure.new_return_values(Gimp.PDBStatusType.CANCEL, GLib.Error())
+        try:
+            if len(drawables) != 1:
+                raise Failure("Select exactly one layer to upscale.")
+            result = upscale(image, drawables[0], settings_of(config))
+        except Failure as e:
+            if run_mode == Gimp.RunMode.INTERACTIVE:
+                Gimp.message(str(e))
+            return procedure.new_return_values(Gimp.PDBStatusType.EXECUTION_ERROR, GLib.Error(str(e)))
+        if run_mode == Gimp.RunMode.INTERACTIVE and result is not image:
+            Gimp.Display.new(result)
+        Gimp.displays_flush()
+        rv = procedure.new_return_values(Gimp.PDBStatusType.SUCCESS, GLib.Error())
+        rv.remove(1)
+        rv.insert(1, GObject.Value(Gimp.Image, result))
+        return rv
+
+
+Gimp.main(TesseraUpscale.__gtype__, sys.argv)

@@ -1,0 +1,171 @@
+"""The GIMP 3 adapter inside real GIMP 3 (the rig in ../shared/rigs/gimp3-rig.sh, headless):
+the plug-in is installed as GIMP requires, called through the PDB on real images, and what GIMP
+then holds is compared with the daemon's own `x_full` for the same input pixels.
+
+Needs root and the rig (`bash ../shared/rigs/gimp3-rig.sh setup`); .ci/run sets it up and sets
+TESSERA_REQUIRE_RIGS=1 so that these tests fail rather than skip when it is missing."""
+
+import json
+import os
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from harness import ROOT, Daemon, bin_dir
+
+RIG = os.environ.get("TESSERA_GIMP_RIG") or os.path.join(os.path.dirname(ROOT), "shared", "rigs", "gimp3-rig.sh")
+RIG_ROOT = os.path.join(os.environ.get("TESSERA_RIG_DIR") or "/var/tmp/tessera-rigs", "gimp3", "root")
+READY = os.path.isfile(RIG) and os.path.isdir(RIG_ROOT) and os.geteuid() == 0
+
+pytestmark = pytest.mark.skipif(not READY and not os.environ.get("TESSERA_REQUIRE_RIGS"),
+                                reason="the GIMP 3 rig is not set up (bash %s setup, as root)" % RIG)
+
+
+@pytest.fixture(scope="module")
+def plugin_dir(tmp_path_factory):
+    """The plug-in folder as the installer lays it out: tessera-upscale/tessera-upscale.py with
+    the shared client beside it."""
+    root = tmp_path_factory.mktemp("gimp-plugins")
+    dst = root / "tessera-upscale"
+    shutil.copytree(os.path.join(ROOT, "adapters", "gimp", "tessera-upscale"), dst)
+    shutil.copytree(os.path.join(ROOT, "adapters", "python", "tessera_client"), dst / "tessera_client",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    return root
+
+
+def picture(path, mode, size=(40, 32)):
+    """A crop of the sample photo, with a gradient alpha for RGBA."""
+    img = Image.open(os.path.join(ROOT, "docs", "sample", "chelsea.png")).convert("RGB")
+    img = img.crop((120, 40, 120 + size[0], 40 + size[1]))
+    if mode == "RGBA":
+        a = np.tile(np.linspace(0, 255, size[0]).astype(np.uint8), (size[1], 1))
+        img = Image.fromarray(np.dstack([np.asarray(img), a]), "RGBA")
+    img.save(path)
+    return str(path)
+
+
+def run_gimp(tmp_path, plugin_dir, store, spec):
+    spec = dict(spec, out=str(tmp_path / "report.json"), client_dir=os.path.join(ROOT, "adapters", "python"))
+    spec_path = tmp_path / "spec.json"
+    spec_path.write_text(json.dumps(spec))
+    env = dict(os.environ, TESSERA_RIG_BIND=ROOT, TESSERA_BIN_DIR=bin_dir(), TESSERA_MODEL_DIR=str(store),
+               TESSERA_RUNTIME_DIR=str(tmp_path / "rt"))
+    r = subprocess.run(["bash", RIG, "run", str(plugin_dir), os.path.join(ROOT, "tests", "gimp", "t_upscale.py"), str(spec_path)],
+                       env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, "the GIMP test script failed:\n" + r.stdout[-3000:] + r.stderr[-3000:]
+    report = json.loads((tmp_path / "report.json").read_text())
+
+    def pixels(which):
+        meta = report[which]
+        channels = len(meta["format"].split()[0].replace("'", ""))  # "R'G'B'A float" → 4
+        raw = np.fromfile(spec["out"] + (".src.f32" if which == "source" else ".out.f32"), np.float32)
+        return raw.reshape(meta["height"], meta["width"], channels)
+    return report, pixels
+
+
+def daemon_x_full(store, src, model="srgan-pair", scale=4):
+    """base + pixel detail + semantic detail from the daemon on the host, in f32, for the
+    same input pixels."""
+    h, w, c = src.shape
+    with Daemon(str(store) + "-ref-rt", env={"TESSERA_MODEL_DIR": str(store)}) as d, d.client() as cl:
+        buf = cl.alloc(w, h, c, sample="f32")
+        buf.write_pixels(np.ascontiguousarray(src, np.float32).tobytes())
+        layers = cl.submit(model, scale, buf, output_sample="f32").wait(timeout=600)
+        out = {l.role: np.frombuffer(l.buffer.read_pixels(), np.float32).reshape(h * scale, w * scale, c) for l in layers}
+    full = out["base"] + out["pixel_detail"] + out["semantic_detail"]
+    if c in (2, 4):
+        full[..., -1] = out["base"][..., -1]
+    return full, out
+
+
+def test_8bit_rgb_scales_the_image_and_matches_the_daemon(tmp_path, plugin_dir, store):
+    report, pixels = run_gimp(tmp_path, plugin_dir, store, {"input": picture(tmp_path / "in.png", "RGB")})
+    assert report["status"] == "success", report.get("error")
+    assert report["result_is_source"]
+    after = report["after"]
+    assert (after["width"], after["height"]) == (160, 128)
+    group = after["layers"][0]
+    assert group["name"] == "Background · Tessera ×4 srgan-pair"
+    assert [c["name"] for c in group["children"]] == ["Tessera ×4 · semantic detail", "Tessera ×4 · pixel detail", "Tessera ×4 · base"]
+    modes = {c["name"].split("· ")[-1]: c for c in group["children"]}
+    assert modes["base"]["mode"] == "normal"
+    for role in ("pixel detail", "semantic detail"):
+        assert modes[role]["mode"] == "grain-merge"
+        assert modes[role]["composite"] == "clip-to-backdrop"
+        assert modes[role]["blend_space"] == "rgb-perceptual"
+    assert group["parasite"]["model"] == "srgan-pair" and group["parasite"]["scale"] == 4
+    # The rest of the image was scaled with it: the source layer is still there, below, hidden
+    # (with alpha it would show through the result).
+    assert after["layers"][1]["width"] == 160 and not after["layers"][1]["visible"]
+
+    full, _ = daemon_x_full(store, pixels("source"))
+    got = pixels("composite")  # the merged layer has alpha, opaque here
+    assert got[..., 3].min() == 1.0
+    want = np.round(np.clip(full, 0, 1) * 255)
+    assert np.abs(got[..., :3] * 255 - want).max() <= 1.0 + 1e-3
+
+
+def test_float_image_in_a_new_image_matches_within_1e4(tmp_path, plugin_dir, store):
+    report, pixels = run_gimp(tmp_path, plugin_dir, store, {
+        "input": picture(tmp_path / "in.png", "RGB"), "precision": "FLOAT_LINEAR",
+        "settings": {"new-image": True, "pixel-opacity": 60.0}})
+    assert report["status"] == "success", report.get("error")
+    assert not report["result_is_source"] and report["unchanged"]
+    group = report["after"]["layers"][0]
+    modes = {c["name"].split("· ")[-1]: c for c in group["children"]}
+    assert modes["pixel detail"]["mode"] == "addition" and modes["pixel detail"]["blend_space"] == "rgb-linear"
+    assert abs(modes["pixel detail"]["opacity"] - 60.0) < 1e-6
+    src = pixels("source")
+    full, out = daemon_x_full(store, src)
+    want = out["base"] + 0.6 * out["pixel_detail"] + out["semantic_detail"]
+    assert np.abs(pixels("composite")[..., :3] - want).max() <= 1e-4
+
+
+def test_16bit_rgba_keeps_alpha_and_coverage(tmp_path, plugin_dir, store):
+    report, pixels = run_gimp(tmp_path, plugin_dir, store, {
+        "input": picture(tmp_path / "in.png", "RGBA"), "precision": "U16_NON_LINEAR"})
+    assert report["status"] == "success", report.get("error")
+    full, out = daemon_x_full(store, pixels("source"))
+    got = pixels("composite")
+    # Alpha is the upscaled alpha: the detail layers add colour, never coverage.
+    assert np.abs(got[..., 3] - np.clip(out["base"][..., 3], 0, 1)).max() <= 2 / 65535
+    seen = got[..., 3] > 0.05
+    err = np.abs(got[..., :3] - np.clip(full[..., :3], 0, 1))[seen]
+    assert err.max() <= 1e-4 + 2 / 65535
+
+
+def test_a_selection_masks_the_detail(tmp_path, plugin_dir, store):
+    report, pixels = run_gimp(tmp_path, plugin_dir, store, {
+        "input": picture(tmp_path / "in.png", "RGB"), "select": [0, 0, 20, 32]})
+    assert report["status"] == "success", report.get("error")
+    group = report["after"]["layers"][0]
+    masks = {c["name"].split("· ")[-1]: c["mask"] for c in group["children"]}
+    assert masks == {"base": False, "pixel detail": True, "semantic detail": True}
+    full, out = daemon_x_full(store, pixels("source"))
+    got = pixels("composite")[..., :3] * 255
+    # The mask is the selection upscaled by bicubic: 2 input pixels (8 output) to settle.
+    inside, outside = (slice(None), slice(0, 64)), (slice(None), slice(96, None))
+    assert np.abs(got[inside] - np.round(np.clip(full[inside], 0, 1) * 255)).max() <= 1.0 + 1e-3
+    assert np.abs(got[outside] - np.round(np.clip(out["base"][outside], 0, 1) * 255)).max() <= 1.0 + 1e-3
+
+
+def test_a_missing_model_names_the_install_command_and_leaves_the_image(tmp_path, plugin_dir, tmp_path_factory):
+    empty = tmp_path_factory.mktemp("empty-store")
+    report, _ = run_gimp(tmp_path, plugin_dir, empty, {"input": picture(tmp_path / "in.png", "RGB")})
+    assert report["status"] == "execution-error"
+    assert "tessera models fetch srgan-pair" in report["error"]
+    assert report["unchanged"]
+
+
+def test_cancel_kills_the_job_and_leaves_the_image(tmp_path, plugin_dir, store):
+    report, _ = run_gimp(tmp_path, plugin_dir, store, {
+        "input": picture(tmp_path / "in.png", "RGB", size=(256, 256)), "cancel": True,
+        "settings": {"model": "realesrgan-x4plus"}})
+    assert "killed" in report, report
+    assert report["status"] != "success"
+    assert report["unchanged"]
+    # The daemon noticed its client was gone and stopped the job within a tile or so.
+    assert report["idle_after_s"] < 20
