@@ -66,14 +66,14 @@ def run_gimp(tmp_path, plugin_dir, store, spec):
     return report, pixels
 
 
-def daemon_x_full(store, src, model="srgan-pair", scale=4):
+def daemon_x_full(store, src, model="srgan-pair", scale=4, params=None):
     """base + pixel detail + semantic detail from the daemon on the host, in f32, for the
     same input pixels."""
     h, w, c = src.shape
     with Daemon(str(store) + "-ref-rt", env={"TESSERA_MODEL_DIR": str(store)}) as d, d.client() as cl:
         buf = cl.alloc(w, h, c, sample="f32")
         buf.write_pixels(np.ascontiguousarray(src, np.float32).tobytes())
-        layers = cl.submit(model, scale, buf, output_sample="f32").wait(timeout=600)
+        layers = cl.submit(model, scale, buf, params=params, output_sample="f32").wait(timeout=600)
         out = {l.role: np.frombuffer(l.buffer.read_pixels(), np.float32).reshape(h * scale, w * scale, c) for l in layers}
     full = out["base"] + out["pixel_detail"] + out["semantic_detail"]
     if c in (2, 4):
@@ -150,6 +150,25 @@ def test_a_selection_masks_the_detail(tmp_path, plugin_dir, store):
     inside, outside = (slice(None), slice(0, 64)), (slice(None), slice(96, None))
     assert np.abs(got[inside] - np.round(np.clip(full[inside], 0, 1) * 255)).max() <= 1.0 + 1e-3
     assert np.abs(got[outside] - np.round(np.clip(out["base"][outside], 0, 1) * 255)).max() <= 1.0 + 1e-3
+
+
+def test_exact_lambda_renders_the_interpolated_network(tmp_path, plugin_dir, store):
+    report, pixels = run_gimp(tmp_path, plugin_dir, store, {
+        "input": picture(tmp_path / "in.png", "RGB"), "precision": "FLOAT_PERCEPTUAL",
+        "settings": {"new-image": True, "exact": True, "semantic-opacity": 50.0}})
+    assert report["status"] == "success", report.get("error")
+    group = report["after"]["layers"][0]
+    semantic = [c for c in group["children"] if c["name"].endswith("semantic detail")][0]
+    assert semantic["opacity"] == 100.0 and group["parasite"]["exact"] is True
+    full, _ = daemon_x_full(store, pixels("source"), params={"dni": 0.5})
+    assert np.abs(pixels("composite")[..., :3] - full).max() <= 1e-4
+
+
+def test_exact_lambda_on_a_model_without_it_says_so(tmp_path, plugin_dir, store):
+    report, _ = run_gimp(tmp_path, plugin_dir, store, {
+        "input": picture(tmp_path / "in.png", "RGB"), "settings": {"model": "realesrgan-x4plus", "exact": True}})
+    assert report["status"] == "execution-error" and "offers no exact render" in report["error"]
+    assert report["unchanged"]
 
 
 def test_a_missing_model_names_the_install_command_and_leaves_the_image(tmp_path, plugin_dir, tmp_path_factory):

@@ -81,6 +81,7 @@ def settings_of(config):
         "new_image": config.get_property("new-image"),
         "pixel_opacity": config.get_property("pixel-opacity"),
         "semantic_opacity": config.get_property("semantic-opacity"),
+        "exact": config.get_property("exact"),
     }
 
 
@@ -107,9 +108,10 @@ def run_job(tc, settings, width, height, channels, pixels, sample, progress):
     except tc.TesseraError as e:
         raise Failure("Tessera could not start or reach its daemon: %s" % e)
     try:
+        params = exact_params(client, settings) if settings.get("exact") else None
         buf = client.alloc(width, height, channels, sample="f32")
         buf.write_pixels(pixels)
-        job = client.submit(settings["model"], settings["scale"], buf, plugin=settings["engine"], output_sample=sample)
+        job = client.submit(settings["model"], settings["scale"], buf, params=params, plugin=settings["engine"], output_sample=sample)
         layers = job.wait(progress=progress)
         out = [(layer, layer.buffer.read_pixels()) for layer in layers]
         for layer in layers:
@@ -120,6 +122,20 @@ def run_job(tc, settings, width, height, channels, pixels, sample, progress):
         raise Failure(str(e))
     finally:
         client.close()
+
+
+def exact_params(client, settings):
+    """Job parameters that render the semantic detail exactly at λ_sem = the semantic
+    opacity, instead of blending it linearly: deep network interpolation for models that
+    offer it (`dni`, srgan-pair)."""
+    for plugin in client.list()["plugins"]:
+        if settings["engine"] not in (None, plugin["id"]):
+            continue
+        for model in plugin["models"]:
+            if model["id"] == settings["model"] and any(p["name"] == "dni" for p in model.get("parameters", [])):
+                return {"dni": settings["semantic_opacity"] / 100.0}
+    raise Failure("%s offers no exact render; leave \"exact λ\" off and blend the semantic "
+                  "detail with its layer opacity." % settings["model"])
 
 
 def without_alpha(data, channels, sample):
@@ -141,7 +157,9 @@ def add_result(target, parent, position, offsets, space, settings, drawable, lay
     group = Gimp.GroupLayer.new(target, group_name(drawable, settings, settings["scale"]))
     target.insert_layer(group, parent, position)
     group.set_offsets(*offsets)
-    opacity = {"pixel_detail": settings["pixel_opacity"], "semantic_detail": settings["semantic_opacity"]}
+    # With an exact render λ_sem is already in the pixels: the layer shows it at full opacity.
+    semantic = 100.0 if settings.get("exact") else settings["semantic_opacity"]
+    opacity = {"pixel_detail": settings["pixel_opacity"], "semantic_detail": semantic}
     for info, data in layers:
         w, h = int(info.buffer.layout["width"]), int(info.buffer.layout["height"])
         residual = info.role != "base"
@@ -230,6 +248,49 @@ def upscale(image, drawable, settings):
     return image
 
 
+def ask(procedure, config):
+    """The dialog: the model from the daemon's list, then GIMP's own widgets for the other
+    arguments. GIMP keeps the values of the last interactive run in the config."""
+    gi.require_version("GimpUi", "3.0")
+    gi.require_version("Gtk", "3.0")
+    from gi.repository import GimpUi, Gtk
+    GimpUi.init(PROC)
+    tc = _import_client()
+    try:
+        with tc.Client.connect(client="tessera-gimp/0.1", timeout=60.0) as client:
+            plugins = client.list()["plugins"]
+    except tc.TesseraError as e:
+        raise Failure("Tessera could not start or reach its daemon: %s" % e)
+    dialog = GimpUi.ProcedureDialog.new(procedure, config, "Tessera Upscale")
+    combo = Gtk.ComboBoxText()
+    for plugin in plugins:
+        for model in plugin["models"]:
+            combo.append("%s/%s" % (plugin["id"], model["id"]), "%s (%s)" % (model["name"], plugin["name"]))
+    engine, model = config.get_property("engine"), config.get_property("model")
+    if not combo.set_active_id("%s/%s" % (engine, model)):
+        for plugin in plugins:
+            if any(m["id"] == model for m in plugin["models"]):
+                combo.set_active_id("%s/%s" % (plugin["id"], model))
+                break
+
+    def chosen(widget):
+        engine, model = widget.get_active_id().split("/", 1)
+        config.set_property("engine", engine)
+        config.set_property("model", model)
+    combo.connect("changed", chosen)
+    if combo.get_active_id():
+        chosen(combo)
+    row = Gtk.Box(orientation=Gtk.Orientation.HORIZONTAL, spacing=12)
+    row.pack_start(Gtk.Label(label="Model"), False, False, 0)
+    row.pack_start(combo, True, True, 0)
+    dialog.get_content_area().pack_start(row, False, False, 6)
+    row.show_all()
+    dialog.fill(["scale", "new-image", "pixel-opacity", "semantic-opacity", "exact"])
+    ok = dialog.run()
+    dialog.destroy()
+    return ok
+
+
 class TesseraUpscale(Gimp.PlugIn):
     def do_query_procedures(self):
         return [PROC]
@@ -256,22 +317,15 @@ class TesseraUpscale(Gimp.PlugIn):
         p.add_boolean_argument("new-image", "Open a new image", "Put the result in a new image instead of scaling this one", False, RW)
         p.add_double_argument("pixel-opacity", "Pixel detail opacity", "Initial opacity of the pixel detail layer", 0.0, 100.0, 100.0, RW)
         p.add_double_argument("semantic-opacity", "Semantic detail opacity", "Initial opacity of the semantic detail layer", 0.0, 100.0, 100.0, RW)
+        p.add_boolean_argument("exact", "Exact λ", "Render the semantic detail exactly at its opacity (where the model offers it) instead of blending linearly", False, RW)
         p.add_image_return_value("result-image", "Result image", "The image that holds the result", False, RW)
         return p
 
     def run(self, procedure, run_mode, image, drawables, config, data):
         Gegl.init(None)
-        if run_mode == Gimp.RunMode.INTERACTIVE:
-            gi.require_version("GimpUi", "3.0")
-            from gi.repository import GimpUi
-            GimpUi.init(PROC)
-            dialog = GimpUi.ProcedureDialog.new(procedure, config, "Tessera Upscale")
-            dialog.fill(None)
-            ok = dialog.run()
-            dialog.destroy()
-            if not ok:
-                return procedure.new_return_values(Gimp.PDBStatusType.CANCEL, GLib.Error())
         try:
+            if run_mode == Gimp.RunMode.INTERACTIVE and not ask(procedure, config):
+                return procedure.new_return_values(Gimp.PDBStatusType.CANCEL, GLib.Error())
             if len(drawables) != 1:
                 raise Failure("Select exactly one layer to upscale.")
             result = upscale(image, drawables[0], settings_of(config))
