@@ -137,6 +137,19 @@ def test_16bit_rgba_keeps_alpha_and_coverage(tmp_path, plugin_dir, store):
     assert err.max() <= 1e-4 + 2 / 65535
 
 
+def test_grey_half_float_image(tmp_path, plugin_dir, store):
+    report, pixels = run_gimp(tmp_path, plugin_dir, store, {
+        "input": picture(tmp_path / "in.png", "RGB"), "grey": True, "precision": "HALF_PERCEPTUAL",
+        "settings": {"model": "realesrgan-x4plus-anime"}})
+    assert report["status"] == "success", report.get("error")
+    assert report["source"]["format"] == "Y' float"
+    modes = {c["name"].split("· ")[-1]: c["mode"] for c in report["after"]["layers"][0]["children"]}
+    assert modes == {"base": "normal", "pixel detail": "addition", "semantic detail": "addition"}
+    full, _ = daemon_x_full(store, pixels("source"), model="realesrgan-x4plus-anime")
+    # Half floats hold 11 significant bits: each layer is stored to ±2⁻¹¹ relative.
+    assert np.abs(pixels("composite")[..., :1] - full).max() <= 2e-3
+
+
 def test_a_selection_masks_the_detail(tmp_path, plugin_dir, store):
     report, pixels = run_gimp(tmp_path, plugin_dir, store, {
         "input": picture(tmp_path / "in.png", "RGB"), "select": [0, 0, 20, 32]})
