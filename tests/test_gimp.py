@@ -16,7 +16,10 @@ from PIL import Image
 
 from harness import ROOT, Daemon, bin_dir
 
-RIG = os.environ.get("TESSERA_GIMP_RIG") or os.path.join(os.path.dirname(ROOT), "shared", "rigs", "gimp3-rig.sh")
+# The rig .ci/run found and set up, else the shared folder beside the repository's.
+RIG = os.environ.get("TESSERA_GIMP_RIG") or next(
+    (p for p in (os.path.join(os.path.dirname(ROOT), "shared", "rigs", "gimp3-rig.sh"), "/work/shared/rigs/gimp3-rig.sh")
+     if os.path.isfile(p)), "gimp3-rig.sh")
 RIG_ROOT = os.path.join(os.environ.get("TESSERA_RIG_DIR") or "/var/tmp/tessera-rigs", "gimp3", "root")
 READY = os.path.isfile(RIG) and os.path.isdir(RIG_ROOT) and os.geteuid() == 0
 
