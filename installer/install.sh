@@ -5,6 +5,7 @@
 #   <prefix>/python/tessera_client                    (the adapters' shared client)
 #   ${XDG_CONFIG_HOME:-~/.config}/GIMP/3.0/plug-ins/tessera-upscale/   (GIMP 3: Filters → Enhance,
 #                                                     with its own copy of the client)
+#   ${XDG_DATA_HOME:-~/.local/share}/krita/pykrita/tessera_krita{.desktop,/}  (Krita 5 and 6: the docker)
 # <prefix> defaults to ${XDG_DATA_HOME:-~/.local/share}/tessera, where the Python client
 # looks for tesserad; pass another as the first argument.
 set -euo pipefail
@@ -26,5 +27,13 @@ install -d "$gimp"
 install -m 755 adapters/gimp/tessera-upscale/tessera-upscale.py "$gimp/"
 cp -r "$prefix/python/tessera_client" "$gimp/"
 echo "installed the GIMP 3 plug-in into $gimp"
+pykrita=${XDG_DATA_HOME:-$HOME/.local/share}/krita/pykrita
+rm -rf "$pykrita/tessera_krita"
+install -d "$pykrita"
+install -m 644 adapters/krita/tessera_krita.desktop "$pykrita/"
+cp -r adapters/krita/tessera_krita "$pykrita/"
+cp -r "$prefix/python/tessera_client" "$pykrita/tessera_krita/"
+find "$pykrita/tessera_krita" -name __pycache__ -prune -exec rm -rf {} +
+echo "installed the Krita plugin into $pykrita (enable Tessera in Settings → Configure Krita → Python Plugin Manager)"
 echo "installed into $prefix"
 echo "  add $prefix/bin to PATH to run 'tessera' from anywhere"

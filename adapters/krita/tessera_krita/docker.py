@@ -1,0 +1,272 @@
+"""The Tessera docker: connection status, model, scale, where the result goes, Upscale and
+Cancel, progress with stage and time left, the jobs of this session, and two sliders that blend
+the last result's detail layers live.
+
+Talking to the daemon happens on worker threads (connecting may start it, a job takes minutes);
+they hand events to a queue that a timer empties on the GUI thread, the only thread that
+touches Krita's documents."""
+
+import queue
+import threading
+import time
+
+from krita import DockWidget, Krita
+
+from . import document
+from .client import import_client
+from .qt import (HORIZONTAL, QComboBox, QFormLayout, QHBoxLayout, QLabel, QListWidget,
+                 QProgressBar, QPushButton, QRadioButton, QSlider, QSpinBox, QTimer,
+                 QVBoxLayout, QWidget)
+
+DOCKER_ID = "tessera_docker"
+CLIENT_NAME = "tessera-krita/0.1"
+
+
+class Run(threading.Thread):
+    """One upscale on the daemon: pixels in, result layers (and the upscaled selection) out,
+    as events on `events`. Never touches Krita."""
+
+    def __init__(self, settings, source, pixels, selection):
+        super().__init__(name="tessera-job", daemon=True)
+        self.settings, self.pixels, self.selection = settings, pixels, selection
+        self.size = (source.width, source.height, source.channels, source.sample, source.result_sample)
+        self.events = queue.Queue()
+        self.job = None
+
+    def run(self):
+        tc = import_client()
+        try:
+            with tc.Client.connect(client=CLIENT_NAME, timeout=60.0) as client:
+                w, h, channels, sample, result_sample = self.size
+                buf = client.alloc(w, h, channels, sample=sample)
+                buf.write_pixels(self.pixels)
+                s = self.settings
+                self.job = client.submit(s["model"], s["scale"], buf, plugin=s["engine"], output_sample=result_sample)
+                self.events.put(("queued", self.job.id))
+                for ev in self.job.events():
+                    if ev.get("type") == "progress":
+                        self.events.put(("progress", ev))
+                layers = [(l.role, l.name, l.blend, int(l.buffer.layout["width"]), int(l.buffer.layout["height"]),
+                           l.buffer.read_pixels()) for l in self.job.layers]
+                mask = None
+                if self.selection is not None:
+                    # The selection, upscaled like the image, masks the detail layers.
+                    mbuf = client.alloc(w, h, 1, sample="u8")
+                    mbuf.write_pixels(self.selection)
+                    mjob = client.submit("classic", s["scale"], mbuf, plugin="classic", output_sample="u8")
+                    mask = mjob.wait()[0].buffer.read_pixels()
+                self.events.put(("result", layers, mask))
+        except tc.TesseraError as e:
+            self.events.put(("error", e))
+
+    def cancel(self):
+        job = self.job
+        if job is not None:
+            threading.Thread(target=job.cancel, name="tessera-cancel", daemon=True).start()
+
+
+class Probe(threading.Thread):
+    """Connects (starting the daemon if need be) and lists its engines and models."""
+
+    def __init__(self, events):
+        super().__init__(name="tessera-probe", daemon=True)
+        self.events = events
+
+    def run(self):
+        tc = import_client()
+        try:
+            with tc.Client.connect(client=CLIENT_NAME, timeout=60.0) as client:
+                listing = client.list()
+                self.events.put(("listing", client.welcome, listing))
+        except tc.TesseraError as e:
+            self.events.put(("offline", e))
+
+
+class TesseraDocker(DockWidget):
+    def __init__(self):
+        super().__init__()
+        self.setWindowTitle("Tessera")
+        body = QWidget(self)
+        lay = QVBoxLayout(body)
+        self.status = QLabel("Connecting…", body)
+        self.status.setWordWrap(True)
+        lay.addWidget(self.status)
+        form = QFormLayout()
+        self.model = QComboBox(body)
+        self.scale = QSpinBox(body)
+        self.scale.setRange(1, 8)
+        self.scale.setValue(4)
+        form.addRow("Model", self.model)
+        form.addRow("Scale", self.scale)
+        lay.addLayout(form)
+        self.scale_document = QRadioButton("Scale this document", body)
+        self.new_document = QRadioButton("Open a new document", body)
+        self.scale_document.setChecked(True)
+        lay.addWidget(self.scale_document)
+        lay.addWidget(self.new_document)
+        buttons = QHBoxLayout()
+        self.upscale_button = QPushButton("Upscale active layer", body)
+        self.cancel_button = QPushButton("Cancel", body)
+        self.cancel_button.setEnabled(False)
+        buttons.addWidget(self.upscale_button)
+        buttons.addWidget(self.cancel_button)
+        lay.addLayout(buttons)
+        self.progress = QProgressBar(body)
+        self.progress.setRange(0, 1000)
+        self.progress.setValue(0)
+        self.progress.setFormat("idle")
+        lay.addWidget(self.progress)
+        self.message = QLabel("", body)
+        self.message.setWordWrap(True)
+        lay.addWidget(self.message)
+        lay.addWidget(QLabel("Blend the last result", body))
+        sliders = QFormLayout()
+        self.pixel_slider = self._slider(body)
+        self.semantic_slider = self._slider(body)
+        sliders.addRow("Pixel detail", self.pixel_slider)
+        sliders.addRow("Semantic detail", self.semantic_slider)
+        lay.addLayout(sliders)
+        lay.addWidget(QLabel("Jobs", body))
+        self.jobs = QListWidget(body)
+        lay.addWidget(self.jobs)
+        self.setWidget(body)
+
+        self.models = []  # (engine, model info)
+        self.run = None
+        self.source = None
+        self.last = None  # (document, group) of the last result
+        self.started = 0.0
+        self.events = queue.Queue()
+        self.upscale_button.clicked.connect(self.upscale)
+        self.cancel_button.clicked.connect(self.cancel)
+        self.pixel_slider.valueChanged.connect(lambda v: self.blend("pixel_detail", v))
+        self.semantic_slider.valueChanged.connect(lambda v: self.blend("semantic_detail", v))
+        self.timer = QTimer(self)
+        self.timer.setInterval(100)
+        self.timer.timeout.connect(self.pump)
+        self.timer.start()
+        Probe(self.events).start()
+
+    @staticmethod
+    def _slider(parent):
+        s = QSlider(HORIZONTAL, parent)
+        s.setRange(0, 100)
+        s.setValue(100)
+        return s
+
+    def canvasChanged(self, canvas):
+        pass
+
+    # -- actions ---------------------------------------------------------------------------
+
+    def settings(self):
+        engine, _, model = (self.model.currentData() or "").partition("/")
+        return {"engine": engine or None, "model": model, "scale": self.scale.value(),
+                "new_document": self.new_document.isChecked(),
+                "pixel_opacity": float(self.pixel_slider.value()),
+                "semantic_opacity": float(self.semantic_slider.value())}
+
+    def upscale(self):
+        if self.run is not None:
+            return
+        app = Krita.instance()
+        doc = app.activeDocument()
+        try:
+            if doc is None:
+                raise document.Failure("Open a document first.")
+            settings = self.settings()
+            if not settings["model"]:
+                raise document.Failure("No model to choose: the daemon is not reachable (see above).")
+            source = document.Source(doc, doc.activeNode())
+            self.run = Run(settings, source, source.pixels(), source.selection())
+        except document.Failure as e:
+            self.say(str(e))
+            return
+        self.source = source
+        self.started = time.monotonic()
+        self.jobs.insertItem(0, "… %s ×%d on %s" % (settings["model"], settings["scale"], source.node.name()))
+        self.upscale_button.setEnabled(False)
+        self.cancel_button.setEnabled(True)
+        self.progress.setValue(0)
+        self.progress.setFormat("starting")
+        self.say("")
+        self.run.start()
+
+    def cancel(self):
+        if self.run is not None:
+            self.run.cancel()
+            self.progress.setFormat("cancelling")
+
+    def blend(self, role, value):
+        """Moves a detail layer's opacity live (0-100 %)."""
+        if self.last is None:
+            return
+        doc, group = self.last
+        layer = document.detail_layers(group).get(role)
+        if layer is not None:
+            layer.setOpacity(round(255 * value / 100.0))
+            doc.refreshProjection()
+
+    def say(self, text):
+        self.message.setText(text)
+
+    # -- events from the threads -----------------------------------------------------------
+
+    def pump(self):
+        queues = [self.events] + ([self.run.events] if self.run is not None else [])
+        for q in queues:
+            while True:
+                try:
+                    ev = q.get_nowait()
+                except queue.Empty:
+                    break
+                self.handle(ev)
+
+    def handle(self, ev):
+        kind = ev[0]
+        if kind == "listing":
+            welcome, listing = ev[1], ev[2]
+            devices = ", ".join(sorted({w.get("device", "?") for w in listing.get("workers", [])})) or "no worker"
+            self.status.setText("Connected: %s · %s" % ((welcome or {}).get("daemon", "tesserad"), devices))
+            self.model.clear()
+            for plugin in listing["plugins"]:
+                for m in plugin["models"]:
+                    self.model.addItem("%s (%s)" % (m["name"], plugin["name"]), "%s/%s" % (plugin["id"], m["id"]))
+            index = self.model.findData("cnn/srgan-pair")
+            if index >= 0:
+                self.model.setCurrentIndex(index)
+        elif kind == "offline":
+            self.status.setText("Daemon not reachable: %s" % ev[1])
+        elif kind == "queued":
+            self.progress.setFormat("queued")
+        elif kind == "progress":
+            p = ev[1]
+            total = p.get("total") or 0
+            if total:
+                self.progress.setValue(int(1000 * p.get("done", 0) / total))
+            eta = p.get("eta")
+            left = (" — %.0f s left" % eta) if eta is not None else ""
+            self.progress.setFormat("%s %d/%d%s" % (p.get("stage", ""), p.get("done", 0), total, left))
+        elif kind == "result":
+            try:
+                doc, group = document.write_result(Krita.instance(), Krita.instance().activeWindow(),
+                                                   self.source, self.run.settings, ev[1], ev[2])
+            except Exception as e:  # a Krita API failure: say so; the job itself is done
+                self.finish("failed: %s" % e)
+                return
+            self.last = (doc, group)
+            self.finish("done in %.1f s" % (time.monotonic() - self.started))
+            self.progress.setValue(1000)
+        elif kind == "error":
+            err = ev[1]
+            self.finish("cancelled" if getattr(err, "code", "") == "cancelled" else "failed")
+            self.say(str(err))
+
+    def finish(self, state):
+        item = self.jobs.item(0)
+        if item is not None:
+            item.setText(item.text().replace("…", state + ":", 1))
+        self.progress.setFormat(state)
+        self.upscale_button.setEnabled(True)
+        self.cancel_button.setEnabled(False)
+        self.run = None

@@ -1,0 +1,172 @@
+"""Krita's side of a job: the active layer's pixels in the form the daemon takes, and the result
+written back as a group of layers per the layer contract. Runs on Krita's GUI thread; knows
+nothing of widgets or sockets."""
+
+import array
+import json
+import struct
+
+# Krita's colour depth → the sample types pixels travel in, to the daemon and back. Integer
+# results come back as 0.5 + R (blended with Grain Merge), float ones signed (Addition).
+# 8-bit results travel as u16 because Krita's Grain Merge subtracts 127/255, not 0.5: the
+# adapter re-quantises them (`U8_RESIDUAL`), else each detail layer would be half a level off.
+SAMPLES = {"U8": "u8", "U16": "u16", "F16": "f32", "F32": "f32"}
+RESULT_SAMPLES = {"U8": "u16", "U16": "u16", "F16": "f32", "F32": "f32"}
+TYPECODES = {"u8": "B", "u16": "H", "f32": "f"}
+# u16 sample v → u8: the base rounds v·255/65535; a residual v = 65535·(0.5 + R) becomes
+# 127 + 255·R = v·255/65535 − 0.5, rounded: the floor of v·255/65535 (Krita's half value for
+# 8 bits is 127).
+U8_BASE = bytes(int(v * 255 / 65535 + 0.5) for v in range(65536))
+U8_RESIDUAL = bytes(int(v * 255 / 65535) for v in range(65536))
+ANNOTATION = "tessera"
+
+
+class Failure(Exception):
+    """A message for the user; the document has not been touched."""
+
+
+class Source(object):
+    """The active paint layer of `doc`, over the whole canvas."""
+
+    def __init__(self, doc, node):
+        if node is None or node.type() != "paintlayer":
+            raise Failure("Select a paint layer to upscale.")
+        self.doc, self.node = doc, node
+        self.depth, self.model = node.colorDepth(), node.colorModel()
+        if self.depth not in SAMPLES or self.model not in ("RGBA", "GRAYA"):
+            raise Failure("Tessera upscales RGB and grey layers of 8/16-bit integer or 16/32-bit float "
+                          "depth; this layer is %s %s (convert it with Image → Convert Image Colour Space)."
+                          % (self.model, self.depth))
+        self.width, self.height = doc.width(), doc.height()
+        self.channels = 4 if self.model == "RGBA" else 2
+        self.sample = SAMPLES[self.depth]
+        self.result_sample = RESULT_SAMPLES[self.depth]
+
+    def pixels(self):
+        """Interleaved samples in the daemon's channel order (RGBA / grey-alpha)."""
+        raw = bytes(self.node.pixelData(0, 0, self.width, self.height))
+        if self.depth == "F16":
+            n = len(raw) // 2
+            raw = array.array("f", struct.unpack("<%de" % n, raw)).tobytes()
+        return swap_red_blue(raw, self.sample, self.channels) if self.integer else raw
+
+    @property
+    def integer(self):
+        return self.depth in ("U8", "U16")
+
+    def selection(self):
+        """The document's selection over the canvas, one byte a pixel, or None."""
+        sel = self.doc.selection()
+        if sel is None:
+            return None
+        return bytes(sel.pixelData(0, 0, self.width, self.height))
+
+
+def swap_red_blue(data, sample, channels):
+    """RGBA ⇄ BGRA (Krita's order for integer RGB pixels); grey is left alone."""
+    if channels != 4:
+        return data
+    values = array.array(TYPECODES[sample])
+    values.frombytes(data)
+    red = values[0::4]
+    values[0::4] = values[2::4]
+    values[2::4] = red
+    return values.tobytes()
+
+
+def opaque(data, sample, channels):
+    """The same pixels with alpha at full (residual layers take their coverage from the
+    layers below: they inherit alpha)."""
+    values = array.array(TYPECODES[sample])
+    values.frombytes(data)
+    full = {"u8": 255, "u16": 65535, "f32": 1.0}[sample]
+    n = len(values) // channels
+    values[channels - 1::channels] = array.array(TYPECODES[sample], [full]) * n
+    return values.tobytes()
+
+
+def to_layer_bytes(source, data, residual):
+    """A result layer's samples from the daemon → the bytes `setPixelData` takes for the
+    source's depth; a residual made opaque (it inherits alpha from the layers below)."""
+    sample = source.result_sample
+    if source.depth == "U8":
+        values = array.array("H")
+        values.frombytes(data)
+        data, sample = bytes(map((U8_RESIDUAL if residual else U8_BASE).__getitem__, values)), "u8"
+    if residual:
+        data = opaque(data, sample, source.channels)
+    if source.integer:
+        return swap_red_blue(data, sample, source.channels)
+    if source.depth == "F16":
+        values = array.array("f")
+        values.frombytes(data)
+        return struct.pack("<%de" % len(values), *values)
+    return data
+
+
+def group_name(source, settings):
+    return "%s · Tessera ×%d %s" % (source.node.name(), settings["scale"], settings["model"])
+
+
+def write_result(app, window, source, settings, layers, mask):
+    """Adds the result to the source document (scaled) or to a new one, and returns the group.
+    `layers`: (role, name, blend, width, height, bytes) bottom first; `mask`: the upscaled
+    selection (one byte a pixel) or None."""
+    doc, s = source.doc, settings["scale"]
+    width, height = source.width * s, source.height * s
+    if settings["new_document"]:
+        target = app.createDocument(width, height, group_name(source, settings), source.model,
+                                    source.depth, doc.colorProfile(), doc.resolution())
+        for node in target.topLevelNodes():
+            node.remove()
+        parent, above = target.rootNode(), None
+        if window is not None:
+            window.addView(target)
+    else:
+        target = doc
+        doc.scaleImage(width, height, doc.resolution(), doc.resolution(), "Bicubic")
+        doc.waitForDone()
+        parent, above = source.node.parentNode(), source.node
+    group = target.createGroupLayer(group_name(source, settings))
+    parent.addChildNode(group, above)
+    below = None
+    opacity = {"pixel_detail": settings["pixel_opacity"], "semantic_detail": settings["semantic_opacity"]}
+    for role, name, blend, w, h, data in layers:
+        layer = target.createNode(name, "paintlayer")
+        group.addChildNode(layer, below)
+        below = layer
+        if role != "base":
+            layer.setBlendingMode("grain_merge" if blend == "grain_merge" else "add")
+            layer.setInheritAlpha(True)
+            layer.setOpacity(round(255 * opacity.get(role, 100.0) / 100.0))
+            if mask is not None:
+                from krita import Selection
+                sel = Selection()
+                sel.setPixelData(mask, 0, 0, w, h)
+                tmask = target.createTransparencyMask("selection")
+                tmask.setSelection(sel)
+                layer.addChildNode(tmask, None)
+        layer.setPixelData(to_layer_bytes(source, data, role != "base"), 0, 0, w, h)
+    if not settings["new_document"]:
+        # The group is this layer upscaled; where it is not opaque the original would show.
+        source.node.setVisible(False)
+    record = dict(settings, source=source.node.name())
+    try:
+        from .qt import QByteArray
+        target.setAnnotation(ANNOTATION, "Tessera settings", QByteArray(json.dumps(record).encode()))
+    except Exception:  # annotations are a convenience; the names carry the settings too
+        pass
+    target.refreshProjection()
+    target.waitForDone()
+    return target, group
+
+
+def detail_layers(group):
+    """{role: node} of a result group's detail layers."""
+    out = {}
+    for node in group.childNodes():
+        if node.name().endswith("pixel detail"):
+            out["pixel_detail"] = node
+        elif node.name().endswith("semantic detail"):
+            out["semantic_detail"] = node
+    return out

@@ -1,0 +1,106 @@
+# Runs INSIDE Krita (the rig's driver execs it on the GUI thread; globals WINDOW, rig_wait,
+# rig_screenshot, RIG_QT_MAJOR). Argument: a JSON spec (see tests/test_krita.py). Opens the
+# input, drives the Tessera docker as a user would (model, scale, Upscale, Cancel, sliders)
+# and writes spec["out"] (JSON) with raw pixel dumps beside it: the source layer (.src) and
+# the result's projection (.out, .out2 after moving the sliders).
+import json
+import sys
+import time
+
+from krita import Krita, Selection
+
+spec = json.load(open(sys.argv[1]))
+app = Krita.instance()
+doc = app.openDocument(spec["input"])
+assert doc is not None, "could not open " + spec["input"]
+WINDOW.addView(doc)
+WINDOW.qwindow().setGeometry(0, 0, 1440, 900)
+doc.setBatchmode(True)
+rig_wait(300)
+if spec.get("depth"):
+    assert doc.setColorSpace("RGBA", spec["depth"], doc.colorProfile()), "setColorSpace failed"
+    doc.waitForDone()
+if spec.get("select"):
+    sel = Selection()
+    sel.select(*spec["select"], 255)
+    doc.setSelection(sel)
+source = doc.activeNode() or doc.topLevelNodes()[0]
+doc.setActiveNode(source)
+
+
+def dump(node_or_doc, path, w, h):
+    with open(path, "wb") as f:
+        f.write(bytes(node_or_doc.pixelData(0, 0, w, h)))
+
+
+def layers(group):
+    out = []
+    for n in group.childNodes():
+        out.append({"name": n.name(), "type": n.type(), "blend": n.blendingMode(), "opacity": n.opacity(),
+                    "inherit_alpha": n.inheritAlpha(), "visible": n.visible(),
+                    "children": [c.type() for c in n.childNodes()]})
+    return out
+
+
+def snapshot(d):
+    return {"width": d.width(), "height": d.height(), "nodes": [n.name() for n in d.topLevelNodes()]}
+
+
+report = {"qt": RIG_QT_MAJOR, "depth": source.colorDepth(), "model": source.colorModel(), "before": snapshot(doc)}
+dump(source, spec["out"] + ".src", doc.width(), doc.height())
+
+docks = [d for d in app.dockers() if d.objectName().startswith("tessera_docker")]
+assert docks, sorted(d.objectName() for d in app.dockers())
+docker = docks[0]
+docker.show()
+docker.raise_()
+deadline = time.monotonic() + 90
+while docker.model.count() == 0 and time.monotonic() < deadline:
+    rig_wait(100)
+report["status"] = docker.status.text()
+assert docker.model.count() > 0, "no models listed: " + docker.status.text()
+index = docker.model.findData("cnn/" + spec.get("model", "srgan-pair"))
+assert index >= 0
+docker.model.setCurrentIndex(index)
+docker.scale.setValue(spec.get("scale", 4))
+docker.new_document.setChecked(bool(spec.get("new_document")))
+
+docker.upscale_button.click()
+if spec.get("cancel"):
+    deadline = time.monotonic() + 120
+    while docker.run is not None and docker.run.job is None and time.monotonic() < deadline:
+        rig_wait(50)
+    rig_wait(500)
+    docker.cancel_button.click()
+deadline = time.monotonic() + 600
+while docker.run is not None and time.monotonic() < deadline:
+    rig_wait(100)
+report["job"] = docker.jobs.item(0).text()
+report["message"] = docker.message.text()
+report["progress"] = docker.progress.format()
+report["unchanged"] = snapshot(doc) == report["before"]
+if docker.last is not None:
+    target, group = docker.last
+    report["result_is_source"] = target == doc
+    report["after"] = snapshot(target)
+    report["group"] = group.name()
+    report["layers"] = layers(group)
+    try:
+        report["annotation"] = json.loads(bytes(target.annotation("tessera")).decode())
+    except Exception as e:
+        report["annotation"] = repr(e)
+    dump(target, spec["out"] + ".out", target.width(), target.height())
+    if spec.get("sliders"):
+        docker.pixel_slider.setValue(30)
+        docker.semantic_slider.setValue(70)
+        rig_wait(200)
+        target.waitForDone()
+        report["layers_after_sliders"] = layers(group)
+        dump(target, spec["out"] + ".out2", target.width(), target.height())
+    if spec.get("screenshot"):
+        rig_wait(1500)
+        rig_screenshot(spec["screenshot"])
+with open(spec["out"], "w") as f:
+    json.dump(report, f)
+for d in app.documents():
+    d.setModified(False)

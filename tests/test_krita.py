@@ -1,0 +1,104 @@
+"""The Krita adapter inside real Krita, headless under Xvfb, in both variants of the shared rig
+(../shared/rigs/krita-rig.sh): Krita 5 with PyQt5 on the host, Krita 6 with PyQt6 in a sid
+chroot (TESSERA_KRITA=6). The test drives the docker as a user would and compares the result's
+projection with the daemon's own `x_full` for the same pixels.
+
+Needs root and the rigs (`bash ../shared/rigs/krita-rig.sh setup`, and with TESSERA_KRITA=6);
+.ci/run sets them up and sets TESSERA_REQUIRE_RIGS=1 so these tests fail rather than skip."""
+
+import json
+import os
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+
+from harness import ROOT, bin_dir
+from test_gimp import daemon_x_full, picture
+
+RIG_DIR = os.environ.get("TESSERA_RIG_DIR") or "/var/tmp/tessera-rigs"
+RIG = os.environ.get("TESSERA_KRITA_RIG") or next(
+    (p for p in (os.path.join(os.path.dirname(ROOT), "shared", "rigs", "krita-rig.sh"), "/work/shared/rigs/krita-rig.sh")
+     if os.path.isfile(p)), "krita-rig.sh")
+READY = {"5": os.path.isdir(os.path.join(RIG_DIR, "krita", "home")),
+         "6": os.path.isdir(os.path.join(RIG_DIR, "krita6", "root"))}
+REQUIRED = bool(os.environ.get("TESSERA_REQUIRE_RIGS"))
+VARIANTS = [pytest.param(v, marks=pytest.mark.skipif(not (READY[v] and os.path.isfile(RIG)) and not REQUIRED,
+                                                      reason="the Krita %s rig is not set up" % v))
+            for v in ("5", "6")]
+
+
+@pytest.fixture(scope="module")
+def plugin_dir(tmp_path_factory):
+    """The pykrita layout the installer writes: tessera_krita.desktop and tessera_krita/ with the
+    shared client inside."""
+    root = tmp_path_factory.mktemp("krita-plugins")
+    shutil.copy(os.path.join(ROOT, "adapters", "krita", "tessera_krita.desktop"), root)
+    shutil.copytree(os.path.join(ROOT, "adapters", "krita", "tessera_krita"), root / "tessera_krita",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(os.path.join(ROOT, "adapters", "python", "tessera_client"), root / "tessera_krita" / "tessera_client",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    return root
+
+
+def as_rgba_float(raw, depth, model, w, h):
+    """Krita pixelData → float, RGBA (or grey-alpha) order."""
+    channels = 4 if model == "RGBA" else 2
+    if depth == "U8":
+        a = np.frombuffer(raw, np.uint8).astype(np.float32) / 255
+    elif depth == "U16":
+        a = np.frombuffer(raw, np.uint16).astype(np.float32) / 65535
+    elif depth == "F16":
+        a = np.frombuffer(raw, np.float16).astype(np.float32)
+    else:
+        a = np.frombuffer(raw, np.float32)
+    a = a.reshape(h, w, channels).copy()
+    if depth in ("U8", "U16") and channels == 4:
+        a[..., [0, 2]] = a[..., [2, 0]]
+    return a
+
+
+def run_krita(variant, tmp_path, plugin_dir, store, spec):
+    out = tmp_path / "report.json"
+    spec = dict(spec, out=str(out))
+    spec_path = tmp_path / "spec.json"
+    spec_path.write_text(json.dumps(spec))
+    env = dict(os.environ, TESSERA_KRITA=variant, TESSERA_RIG_BIND=ROOT, TESSERA_BIN_DIR=bin_dir(),
+               TESSERA_MODEL_DIR=str(store), TESSERA_RUNTIME_DIR=str(tmp_path / "rt"))
+    r = subprocess.run(["bash", RIG, "run", str(plugin_dir), os.path.join(ROOT, "tests", "krita", "t_docker.py"), str(spec_path)],
+                       env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, "the Krita test script failed:\n" + r.stdout[-4000:] + r.stderr[-4000:]
+    report = json.loads(out.read_text())
+
+    def pixels(which, w, h):
+        return as_rgba_float((tmp_path / ("report.json." + which)).read_bytes(), report["depth"], report["model"], w, h)
+    return report, pixels
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_8bit_upscale_matches_the_daemon_and_sliders_blend(variant, tmp_path, plugin_dir, store):
+    report, pixels = run_krita(variant, tmp_path, plugin_dir, store, {
+        "input": picture(tmp_path / "in.png", "RGB"), "sliders": True})
+    assert report["qt"] == int(variant)
+    assert report["job"].startswith("done"), (report["job"], report["message"])
+    assert report["status"].startswith("Connected: ")
+    assert report["result_is_source"] and report["after"]["width"] == 160
+    roles = {l["name"].split("· ")[-1]: l for l in report["layers"]}
+    assert roles["base"]["blend"] == "normal"
+    for role in ("pixel detail", "semantic detail"):
+        assert roles[role]["blend"] == "grain_merge" and roles[role]["inherit_alpha"] and roles[role]["opacity"] == 255
+    assert report["annotation"]["model"] == "srgan-pair"
+    src = pixels("src", 40, 32)
+    full, out = daemon_x_full(store, src)
+    got = pixels("out", 160, 128)
+    assert np.abs(got[..., :3] * 255 - np.round(np.clip(full[..., :3], 0, 1) * 255)).max() <= 1.0 + 1e-3
+    # The sliders moved the two layers' opacities, and the picture with them.
+    after = {l["name"].split("· ")[-1]: l["opacity"] for l in report["layers_after_sliders"]}
+    assert (after["pixel detail"], after["semantic detail"]) == (round(255 * 0.3), round(255 * 0.7))
+    a_pix, a_sem = after["pixel detail"] / 255, after["semantic detail"] / 255
+    want = out["base"] + a_pix * out["pixel_detail"] + a_sem * out["semantic_detail"]
+    got2 = pixels("out2", 160, 128)
+    # Krita blends each layer at partial opacity in 8-bit integer arithmetic and rounds after
+    # each: one more level than at full opacity.
+    assert np.abs(got2[..., :3] * 255 - np.round(np.clip(want[..., :3], 0, 1) * 255)).max() <= 2.0 + 1e-3
