@@ -66,8 +66,13 @@ def run_krita(variant, tmp_path, plugin_dir, store, spec):
     spec_path.write_text(json.dumps(spec))
     env = dict(os.environ, TESSERA_KRITA=variant, TESSERA_RIG_BIND=ROOT, TESSERA_BIN_DIR=bin_dir(),
                TESSERA_MODEL_DIR=str(store), TESSERA_RUNTIME_DIR=str(tmp_path / "rt"))
-    r = subprocess.run(["bash", RIG, "run", str(plugin_dir), os.path.join(ROOT, "tests", "krita", "t_docker.py"), str(spec_path)],
-                       env=env, capture_output=True, text=True, timeout=900)
+    for attempt in range(3):
+        r = subprocess.run(["bash", RIG, "run", str(plugin_dir), os.path.join(ROOT, "tests", "krita", "t_docker.py"), str(spec_path)],
+                           env=env, capture_output=True, text=True, timeout=900)
+        # The rig's private Xvfb sometimes loses a race for its display with the previous
+        # run's; Krita then aborts before the test script starts. That is the rig, not us.
+        if "could not connect to display" not in r.stdout + r.stderr:
+            break
     assert r.returncode == 0, "the Krita test script failed:\n" + r.stdout[-4000:] + r.stderr[-4000:]
     report = json.loads(out.read_text())
 
@@ -102,3 +107,56 @@ def test_8bit_upscale_matches_the_daemon_and_sliders_blend(variant, tmp_path, pl
     # Krita blends each layer at partial opacity in 8-bit integer arithmetic and rounds after
     # each: one more level than at full opacity.
     assert np.abs(got2[..., :3] * 255 - np.round(np.clip(want[..., :3], 0, 1) * 255)).max() <= 2.0 + 1e-3
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_float_document_into_a_new_document(variant, tmp_path, plugin_dir, store):
+    report, pixels = run_krita(variant, tmp_path, plugin_dir, store, {
+        "input": picture(tmp_path / "in.png", "RGBA"), "depth": "F32", "new_document": True,
+        "screenshot": str(tmp_path / "shot.png")})
+    assert report["job"].startswith("done"), (report["job"], report["message"])
+    assert report["depth"] == "F32" and not report["result_is_source"] and report["unchanged"]
+    roles = {l["name"].split("· ")[-1]: l for l in report["layers"]}
+    assert roles["pixel detail"]["blend"] == "add" and roles["semantic detail"]["inherit_alpha"]
+    full, out = daemon_x_full(store, pixels("src", 40, 32))
+    got = pixels("out", 160, 128)
+    # Alpha is the base's; where there is colour it is base + both details.
+    assert np.abs(got[..., 3] - out["base"][..., 3]).max() <= 1e-4
+    seen = got[..., 3] > 0.05
+    assert np.abs(got[..., :3] - full[..., :3])[seen].max() <= 1e-4
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_a_selection_becomes_a_transparency_mask(variant, tmp_path, plugin_dir, store):
+    report, pixels = run_krita(variant, tmp_path, plugin_dir, store, {
+        "input": picture(tmp_path / "in.png", "RGB"), "select": [0, 0, 20, 32]})
+    assert report["job"].startswith("done"), (report["job"], report["message"])
+    roles = {l["name"].split("· ")[-1]: l for l in report["layers"]}
+    assert roles["base"]["children"] == []
+    full, out = daemon_x_full(store, pixels("src", 40, 32))
+    if report["krita"].startswith("5.1"):
+        # Krita 5.1 makes no mask from a script's pixels: no mask, and the docker says so.
+        assert roles["pixel detail"]["children"] == [] and "cannot make masks" in report["message"]
+        return
+    assert roles["pixel detail"]["children"] == ["transparencymask"] == roles["semantic detail"]["children"]
+    got = pixels("out", 160, 128)[..., :3] * 255
+    inside, outside = (slice(None), slice(0, 64)), (slice(None), slice(96, None))
+    assert np.abs(got[inside] - np.round(np.clip(full[..., :3][inside], 0, 1) * 255)).max() <= 1.0 + 1e-3
+    assert np.abs(got[outside] - np.round(np.clip(out["base"][..., :3][outside], 0, 1) * 255)).max() <= 1.0 + 1e-3
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_cancel_stops_the_job_and_leaves_the_document(variant, tmp_path, plugin_dir, store):
+    report, _ = run_krita(variant, tmp_path, plugin_dir, store, {
+        "input": picture(tmp_path / "in.png", "RGB", size=(256, 256)), "model": "realesrgan-x4plus", "cancel": True})
+    assert report["job"].startswith("cancelled"), (report["job"], report["message"])
+    assert report["unchanged"] and "after" not in report
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_a_missing_model_says_how_to_install_it(variant, tmp_path, plugin_dir, tmp_path_factory):
+    report, _ = run_krita(variant, tmp_path, plugin_dir, tmp_path_factory.mktemp("empty-store"), {
+        "input": picture(tmp_path / "in.png", "RGB")})
+    assert report["job"].startswith("failed"), report["job"]
+    assert "tessera models fetch srgan-pair" in report["message"]
+    assert report["unchanged"] and "after" not in report

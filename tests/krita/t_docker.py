@@ -46,7 +46,7 @@ def snapshot(d):
     return {"width": d.width(), "height": d.height(), "nodes": [n.name() for n in d.topLevelNodes()]}
 
 
-report = {"qt": RIG_QT_MAJOR, "depth": source.colorDepth(), "model": source.colorModel(), "before": snapshot(doc)}
+report = {"krita": app.version(), "qt": RIG_QT_MAJOR, "depth": source.colorDepth(), "model": source.colorModel(), "before": snapshot(doc)}
 dump(source, spec["out"] + ".src", doc.width(), doc.height())
 
 docks = [d for d in app.dockers() if d.objectName().startswith("tessera_docker")]
@@ -98,6 +98,8 @@ if docker.last is not None:
         report["layers_after_sliders"] = layers(group)
         dump(target, spec["out"] + ".out2", target.width(), target.height())
     if spec.get("screenshot"):
+        if spec.get("zoom"):
+            WINDOW.activeView().canvas().setZoomLevel(spec["zoom"])
         rig_wait(1500)
         rig_screenshot(spec["screenshot"])
 with open(spec["out"], "w") as f:

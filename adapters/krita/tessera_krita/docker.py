@@ -256,6 +256,9 @@ class TesseraDocker(DockWidget):
                 return
             self.last = (doc, group)
             self.finish("done in %.1f s" % (time.monotonic() - self.started))
+            if ev[2] is not None and not document.can_mask(doc):
+                self.say("This Krita cannot make masks from scripts (5.2 can): the detail layers "
+                         "cover the whole layer; add a transparency mask by hand to limit them.")
             self.progress.setValue(1000)
         elif kind == "error":
             err = ev[1]

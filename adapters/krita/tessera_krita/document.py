@@ -139,13 +139,8 @@ def write_result(app, window, source, settings, layers, mask):
             layer.setBlendingMode("grain_merge" if blend == "grain_merge" else "add")
             layer.setInheritAlpha(True)
             layer.setOpacity(round(255 * opacity.get(role, 100.0) / 100.0))
-            if mask is not None:
-                from krita import Selection
-                sel = Selection()
-                sel.setPixelData(mask, 0, 0, w, h)
-                tmask = target.createTransparencyMask("selection")
-                tmask.setSelection(sel)
-                layer.addChildNode(tmask, None)
+            if mask is not None and can_mask(target):
+                add_mask(target, layer, mask, w, h)
         layer.setPixelData(to_layer_bytes(source, data, role != "base"), 0, 0, w, h)
     if not settings["new_document"]:
         # The group is this layer upscaled; where it is not opaque the original would show.
@@ -159,6 +154,22 @@ def write_result(app, window, source, settings, layers, mask):
     target.refreshProjection()
     target.waitForDone()
     return target, group
+
+
+def can_mask(doc):
+    """Scripts can make transparency masks from pixels in Krita 5.2 and later
+    (createTransparencyMask + setSelection); 5.1's createNode mask ignores pixels given to it."""
+    return hasattr(doc, "createTransparencyMask")
+
+
+def add_mask(doc, layer, mask, w, h):
+    """A transparency mask on `layer` from one byte a pixel."""
+    from krita import Selection
+    sel = Selection()
+    sel.setPixelData(mask, 0, 0, w, h)
+    node = doc.createTransparencyMask("selection")
+    node.setSelection(sel)
+    layer.addChildNode(node, None)
 
 
 def detail_layers(group):
