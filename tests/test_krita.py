@@ -160,3 +160,12 @@ def test_a_missing_model_says_how_to_install_it(variant, tmp_path, plugin_dir, t
     assert report["job"].startswith("failed"), report["job"]
     assert "tessera models fetch srgan-pair" in report["message"]
     assert report["unchanged"] and "after" not in report
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_two_jobs_queue_and_both_land(variant, tmp_path, plugin_dir, store):
+    report, _ = run_krita(variant, tmp_path, plugin_dir, store, {"input": picture(tmp_path / "in.png", "RGB"), "twice": True})
+    assert report["queued_at_once"] == 2
+    assert [j.split(":")[0].split(" in ")[0] for j in report["jobs"]] == ["done", "done"], report["jobs"]
+    # The first result scaled the document; the second, read before that, opened a new one.
+    assert report["documents"] == 2

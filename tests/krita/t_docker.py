@@ -66,16 +66,22 @@ docker.scale.setValue(spec.get("scale", 4))
 docker.new_document.setChecked(bool(spec.get("new_document")))
 
 docker.upscale_button.click()
+if spec.get("twice"):
+    # A second job queued behind the first: it lands in a new document (the first scales this one).
+    docker.upscale_button.click()
+    report["queued_at_once"] = len(docker.runs)
 if spec.get("cancel"):
     deadline = time.monotonic() + 120
-    while docker.run is not None and docker.run.job is None and time.monotonic() < deadline:
+    while docker.runs and docker.runs[0].job is None and time.monotonic() < deadline:
         rig_wait(50)
     rig_wait(500)
     docker.cancel_button.click()
 deadline = time.monotonic() + 600
-while docker.run is not None and time.monotonic() < deadline:
+while docker.runs and time.monotonic() < deadline:
     rig_wait(100)
 report["job"] = docker.jobs.item(0).text()
+report["jobs"] = [docker.jobs.item(i).text() for i in range(docker.jobs.count())]
+report["documents"] = len(app.documents())
 report["message"] = docker.message.text()
 report["progress"] = docker.progress.format()
 report["unchanged"] = snapshot(doc) == report["before"]

@@ -28,7 +28,9 @@ class Run(threading.Thread):
 
     def __init__(self, settings, source, pixels, selection):
         super().__init__(name="tessera-job", daemon=True)
-        self.settings, self.pixels, self.selection = settings, pixels, selection
+        self.settings, self.source, self.pixels, self.selection = settings, source, pixels, selection
+        self.item = None  # its line in the docker's job list
+        self.started = time.monotonic()
         self.size = (source.width, source.height, source.channels, source.sample, source.result_sample)
         self.events = queue.Queue()
         self.job = None
@@ -131,11 +133,8 @@ class TesseraDocker(DockWidget):
         lay.addWidget(self.jobs)
         self.setWidget(body)
 
-        self.models = []  # (engine, model info)
-        self.run = None
-        self.source = None
+        self.runs = []  # jobs not finished yet, oldest first
         self.last = None  # (document, group) of the last result
-        self.started = 0.0
         self.events = queue.Queue()
         self.upscale_button.clicked.connect(self.upscale)
         self.cancel_button.clicked.connect(self.cancel)
@@ -167,8 +166,7 @@ class TesseraDocker(DockWidget):
                 "semantic_opacity": float(self.semantic_slider.value())}
 
     def upscale(self):
-        if self.run is not None:
-            return
+        """Reads the active layer and queues a job; several may be queued at once."""
         app = Krita.instance()
         doc = app.activeDocument()
         try:
@@ -178,23 +176,25 @@ class TesseraDocker(DockWidget):
             if not settings["model"]:
                 raise document.Failure("No model to choose: the daemon is not reachable (see above).")
             source = document.Source(doc, doc.activeNode())
-            self.run = Run(settings, source, source.pixels(), source.selection())
+            run = Run(settings, source, source.pixels(), source.selection())
         except document.Failure as e:
             self.say(str(e))
             return
-        self.source = source
-        self.started = time.monotonic()
-        self.jobs.insertItem(0, "… %s ×%d on %s" % (settings["model"], settings["scale"], source.node.name()))
-        self.upscale_button.setEnabled(False)
+        self.jobs.insertItem(0, "queued: %s ×%d on %s" % (settings["model"], settings["scale"], source.node.name()))
+        run.item = self.jobs.item(0)
+        self.runs.append(run)
         self.cancel_button.setEnabled(True)
         self.progress.setValue(0)
         self.progress.setFormat("starting")
         self.say("")
-        self.run.start()
+        run.start()
 
     def cancel(self):
-        if self.run is not None:
-            self.run.cancel()
+        """Cancels the selected job if it is still running, else the newest one."""
+        selected = self.jobs.currentItem()
+        chosen = [r for r in self.runs if r.item is selected] or self.runs[-1:]
+        for run in chosen:
+            run.cancel()
             self.progress.setFormat("cancelling")
 
     def blend(self, role, value):
@@ -213,16 +213,20 @@ class TesseraDocker(DockWidget):
     # -- events from the threads -----------------------------------------------------------
 
     def pump(self):
-        queues = [self.events] + ([self.run.events] if self.run is not None else [])
-        for q in queues:
-            while True:
+        while True:
+            try:
+                self.handle(None, self.events.get_nowait())
+            except queue.Empty:
+                break
+        for run in list(self.runs):
+            while run in self.runs:
                 try:
-                    ev = q.get_nowait()
+                    ev = run.events.get_nowait()
                 except queue.Empty:
                     break
-                self.handle(ev)
+                self.handle(run, ev)
 
-    def handle(self, ev):
+    def handle(self, run, ev):
         kind = ev[0]
         if kind == "listing":
             welcome, listing = ev[1], ev[2]
@@ -241,6 +245,7 @@ class TesseraDocker(DockWidget):
             self.progress.setFormat("queued")
         elif kind == "progress":
             p = ev[1]
+            run.item.setText(run.item.text().replace("queued:", "running:", 1))
             total = p.get("total") or 0
             if total:
                 self.progress.setValue(int(1000 * p.get("done", 0) / total))
@@ -250,26 +255,25 @@ class TesseraDocker(DockWidget):
         elif kind == "result":
             try:
                 doc, group = document.write_result(Krita.instance(), Krita.instance().activeWindow(),
-                                                   self.source, self.run.settings, ev[1], ev[2])
+                                                   run.source, run.settings, ev[1], ev[2])
             except Exception as e:  # a Krita API failure: say so; the job itself is done
-                self.finish("failed: %s" % e)
+                self.finish(run, "failed")
+                self.say(str(e))
                 return
             self.last = (doc, group)
-            self.finish("done in %.1f s" % (time.monotonic() - self.started))
+            self.finish(run, "done in %.1f s" % (time.monotonic() - run.started))
+            self.progress.setValue(1000)
             if ev[2] is not None and not document.can_mask(doc):
                 self.say("This Krita cannot make masks from scripts (5.2 can): the detail layers "
                          "cover the whole layer; add a transparency mask by hand to limit them.")
-            self.progress.setValue(1000)
         elif kind == "error":
             err = ev[1]
-            self.finish("cancelled" if getattr(err, "code", "") == "cancelled" else "failed")
+            self.finish(run, "cancelled" if getattr(err, "code", "") == "cancelled" else "failed")
             self.say(str(err))
 
-    def finish(self, state):
-        item = self.jobs.item(0)
-        if item is not None:
-            item.setText(item.text().replace("…", state + ":", 1))
+    def finish(self, run, state):
+        text = run.item.text()
+        run.item.setText(state + ":" + text.split(":", 1)[1])
         self.progress.setFormat(state)
-        self.upscale_button.setEnabled(True)
-        self.cancel_button.setEnabled(False)
-        self.run = None
+        self.runs.remove(run)
+        self.cancel_button.setEnabled(bool(self.runs))

@@ -38,6 +38,7 @@ class Source(object):
                           "depth; this layer is %s %s (convert it with Image → Convert Image Colour Space)."
                           % (self.model, self.depth))
         self.width, self.height = doc.width(), doc.height()
+        self.resolution = doc.resolution()
         self.channels = 4 if self.model == "RGBA" else 2
         self.sample = SAMPLES[self.depth]
         self.result_sample = RESULT_SAMPLES[self.depth]
@@ -114,6 +115,10 @@ def write_result(app, window, source, settings, layers, mask):
     selection (one byte a pixel) or None."""
     doc, s = source.doc, settings["scale"]
     width, height = source.width * s, source.height * s
+    # An earlier result may have scaled the document since this job read it: then this one
+    # opens as a new document rather than scaling it again.
+    changed = (doc.width(), doc.height()) != (source.width, source.height)
+    settings = dict(settings, new_document=settings["new_document"] or changed)
     if settings["new_document"]:
         target = app.createDocument(width, height, group_name(source, settings), source.model,
                                     source.depth, doc.colorProfile(), doc.resolution())
