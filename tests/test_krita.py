@@ -169,3 +169,15 @@ def test_two_jobs_queue_and_both_land(variant, tmp_path, plugin_dir, store):
     assert [j.split(":")[0].split(" in ")[0] for j in report["jobs"]] == ["done", "done"], report["jobs"]
     # The first result scaled the document; the second, read before that, opened a new one.
     assert report["documents"] == 2
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("depth, tolerance", [("U16", 1e-4), ("F16", 2e-3)])
+def test_16bit_documents(variant, depth, tolerance, tmp_path, plugin_dir, store):
+    report, pixels = run_krita(variant, tmp_path, plugin_dir, store, {"input": picture(tmp_path / "in.png", "RGB"), "depth": depth})
+    assert report["job"].startswith("done"), (report["job"], report["message"])
+    assert report["depth"] == depth
+    full, _ = daemon_x_full(store, pixels("src", 40, 32))
+    # F16 holds 11 significant bits in each stored layer.
+    want = np.clip(full[..., :3], 0, 1 if depth == "U16" else None)
+    assert np.abs(pixels("out", 160, 128)[..., :3] - want).max() <= tolerance
