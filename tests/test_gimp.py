@@ -204,3 +204,21 @@ def test_cancel_kills_the_job_and_leaves_the_image(tmp_path, plugin_dir, store):
     assert report["unchanged"]
     # The daemon noticed its client was gone and stopped the job within a tile or so.
     assert report["idle_after_s"] < 20
+
+
+def test_one_undo_restores_the_original(tmp_path, plugin_dir, store):
+    """In GIMP's GUI (Xvfb, twm): upscale, press Ctrl+Z once in the image window, and the image
+    is back as it was: the whole change is one undo step."""
+    spec = {"input": picture(tmp_path / "in.png", "RGB"), "ready": str(tmp_path / "ready"),
+            "undone": str(tmp_path / "undone"), "out": str(tmp_path / "undo.json")}
+    (tmp_path / "spec.json").write_text(json.dumps(spec))
+    env = dict(os.environ, TESSERA_RIG_BIND=ROOT)
+    inner = "export TESSERA_BIN_DIR=%s TESSERA_MODEL_DIR=%s TESSERA_RUNTIME_DIR=%s; bash %s %s %s" % (
+        bin_dir(), store, tmp_path / "rt", os.path.join(ROOT, "tests", "gimp", "undo_gui.sh"), plugin_dir, tmp_path / "spec.json")
+    r = subprocess.run(["bash", RIG, "shell", "bash", "-c", inner], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    report = json.loads((tmp_path / "undo.json").read_text())
+    assert report.get("status") == "success", report
+    assert report["before"] == {"size": [40, 32], "layers": [["Background", True]]}
+    assert report["after"]["size"] == [160, 128] and len(report["after"]["layers"]) == 2
+    assert report["after_undo"] == report["before"]
