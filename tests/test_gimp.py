@@ -153,6 +153,22 @@ def test_grey_half_float_image(tmp_path, plugin_dir, store):
     assert np.abs(pixels("composite")[..., :1] - full).max() <= 2e-3
 
 
+def test_indexed_image_goes_to_a_new_rgb_image(tmp_path, plugin_dir, store):
+    report, pixels = run_gimp(tmp_path, plugin_dir, store, {
+        "input": picture(tmp_path / "in.png", "RGB"), "indexed": True, "settings": {"new-image": True}})
+    assert report["status"] == "success", report.get("error")
+    assert report["unchanged"] and report["after"]["precision"] == "u8-non-linear"
+    full, _ = daemon_x_full(store, pixels("source"))
+    got = pixels("composite")[..., :3] * 255
+    assert np.abs(got - np.round(np.clip(full, 0, 1) * 255)).max() <= 1.0 + 1e-3
+
+
+def test_indexed_image_in_place_asks_for_rgb(tmp_path, plugin_dir, store):
+    report, _ = run_gimp(tmp_path, plugin_dir, store, {"input": picture(tmp_path / "in.png", "RGB"), "indexed": True})
+    assert report["status"] == "execution-error" and "convert it to RGB" in report["error"]
+    assert report["unchanged"]
+
+
 def test_a_selection_masks_the_detail(tmp_path, plugin_dir, store):
     report, pixels = run_gimp(tmp_path, plugin_dir, store, {
         "input": picture(tmp_path / "in.png", "RGB"), "select": [0, 0, 20, 32]})

@@ -100,6 +100,8 @@ def _wait_connect(tessera_client):
 image = Gimp.file_load(Gimp.RunMode.NONINTERACTIVE, Gio.File.new_for_path(spec["input"]))
 if spec.get("grey"):
     image.convert_grayscale()
+if spec.get("indexed"):
+    image.convert_indexed(Gimp.ConvertDitherType.NONE, Gimp.ConvertPaletteType.GENERATE, 64, False, False, "")
 if spec.get("precision"):
     image.convert_precision(getattr(Gimp.Precision, spec["precision"]))
 if spec.get("select"):
