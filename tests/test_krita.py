@@ -14,7 +14,9 @@ import subprocess
 import numpy as np
 import pytest
 
-from harness import ROOT, bin_dir
+import time
+
+from harness import ROOT, Daemon, bin_dir
 from test_gimp import daemon_x_full, picture
 
 RIG_DIR = os.environ.get("TESSERA_RIG_DIR") or "/var/tmp/tessera-rigs"
@@ -59,13 +61,15 @@ def as_rgba_float(raw, depth, model, w, h):
     return a
 
 
-def run_krita(variant, tmp_path, plugin_dir, store, spec):
+def run_krita(variant, tmp_path, plugin_dir, store, spec, runtime=None):
+    """Runs the test script in Krita; the plugin starts its own daemon in the rig unless
+    `runtime` names the folder of one already running."""
     out = tmp_path / "report.json"
     spec = dict(spec, out=str(out))
     spec_path = tmp_path / "spec.json"
     spec_path.write_text(json.dumps(spec))
     env = dict(os.environ, TESSERA_KRITA=variant, TESSERA_RIG_BIND=ROOT, TESSERA_BIN_DIR=bin_dir(),
-               TESSERA_MODEL_DIR=str(store), TESSERA_RUNTIME_DIR=str(tmp_path / "rt"))
+               TESSERA_MODEL_DIR=str(store), TESSERA_RUNTIME_DIR=str(runtime or tmp_path / "rt"))
     for attempt in range(3):
         r = subprocess.run(["bash", RIG, "run", str(plugin_dir), os.path.join(ROOT, "tests", "krita", "t_docker.py"), str(spec_path)],
                            env=env, capture_output=True, text=True, timeout=900)
@@ -181,3 +185,23 @@ def test_16bit_documents(variant, depth, tolerance, tmp_path, plugin_dir, store)
     # F16 holds 11 significant bits in each stored layer.
     want = np.clip(full[..., :3], 0, 1 if depth == "U16" else None)
     assert np.abs(pixels("out", 160, 128)[..., :3] - want).max() <= tolerance
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_krita_closing_mid_job_cancels_it(variant, tmp_path, plugin_dir, store):
+    """The daemon runs outside Krita here, so it outlives it: when Krita closes during a job,
+    the daemon sees its client go and stops the job long before it would have finished."""
+    with Daemon(tmp_path / "rt", env={"TESSERA_MODEL_DIR": str(store)}) as d, d.client() as c:
+        report, _ = run_krita(variant, tmp_path, plugin_dir, store, {
+            "input": picture(tmp_path / "in.png", "RGB", size=(512, 512)), "model": "realesrgan-x4plus",
+            "quit_mid_job": True}, runtime=tmp_path / "rt")
+        assert report["job"].startswith("running"), report["job"]
+        assert report["unchanged"]
+        t0 = time.monotonic()
+        while any(w["state"] == "busy" for w in c.list()["workers"]) and time.monotonic() - t0 < 60:
+            time.sleep(0.1)
+        idle_after = time.monotonic() - t0
+        log = open(d.log_path).read()
+    # A 512² Real-ESRGAN job takes half a minute here; cancelled, the worker is free within a tile.
+    assert idle_after < 10, idle_after
+    assert "was cancelled" in log

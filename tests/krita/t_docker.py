@@ -66,49 +66,71 @@ docker.scale.setValue(spec.get("scale", 4))
 docker.new_document.setChecked(bool(spec.get("new_document")))
 
 docker.upscale_button.click()
-if spec.get("twice"):
-    # A second job queued behind the first: it lands in a new document (the first scales this one).
-    docker.upscale_button.click()
-    report["queued_at_once"] = len(docker.runs)
-if spec.get("cancel"):
+
+
+def quit_mid_job():
+    # Krita closes while the job runs: the script ends here and the rig quits Krita.
     deadline = time.monotonic() + 120
-    while docker.runs and docker.runs[0].job is None and time.monotonic() < deadline:
+    while docker.runs and not docker.runs[0].item.text().startswith("running") and time.monotonic() < deadline:
         rig_wait(50)
-    rig_wait(500)
-    docker.cancel_button.click()
-deadline = time.monotonic() + 600
-while docker.runs and time.monotonic() < deadline:
-    rig_wait(100)
-report["job"] = docker.jobs.item(0).text()
-report["jobs"] = [docker.jobs.item(i).text() for i in range(docker.jobs.count())]
-report["documents"] = len(app.documents())
-report["message"] = docker.message.text()
-report["progress"] = docker.progress.format()
-report["unchanged"] = snapshot(doc) == report["before"]
-if docker.last is not None:
-    target, group = docker.last
-    report["result_is_source"] = target == doc
-    report["after"] = snapshot(target)
-    report["group"] = group.name()
-    report["layers"] = layers(group)
-    try:
-        report["annotation"] = json.loads(bytes(target.annotation("tessera")).decode())
-    except Exception as e:
-        report["annotation"] = repr(e)
-    dump(target, spec["out"] + ".out", target.width(), target.height())
-    if spec.get("sliders"):
-        docker.pixel_slider.setValue(30)
-        docker.semantic_slider.setValue(70)
-        rig_wait(200)
-        target.waitForDone()
-        report["layers_after_sliders"] = layers(group)
-        dump(target, spec["out"] + ".out2", target.width(), target.height())
-    if spec.get("screenshot"):
-        if spec.get("zoom"):
-            WINDOW.activeView().canvas().setZoomLevel(spec["zoom"])
-        rig_wait(1500)
-        rig_screenshot(spec["screenshot"])
-with open(spec["out"], "w") as f:
-    json.dump(report, f)
-for d in app.documents():
-    d.setModified(False)
+    report["job"] = docker.jobs.item(0).text()
+    report["unchanged"] = snapshot(doc) == report["before"]
+    with open(spec["out"], "w") as f:
+        json.dump(report, f)
+    for d in app.documents():
+        d.setModified(False)
+
+
+def the_rest():
+    if spec.get("twice"):
+        # A second job queued behind the first: it lands in a new document (the first scales this one).
+        docker.upscale_button.click()
+        report["queued_at_once"] = len(docker.runs)
+    if spec.get("cancel"):
+        deadline = time.monotonic() + 120
+        while docker.runs and docker.runs[0].job is None and time.monotonic() < deadline:
+            rig_wait(50)
+        rig_wait(500)
+        docker.cancel_button.click()
+    deadline = time.monotonic() + 600
+    while docker.runs and time.monotonic() < deadline:
+        rig_wait(100)
+    report["job"] = docker.jobs.item(0).text()
+    report["jobs"] = [docker.jobs.item(i).text() for i in range(docker.jobs.count())]
+    report["documents"] = len(app.documents())
+    report["message"] = docker.message.text()
+    report["progress"] = docker.progress.format()
+    report["unchanged"] = snapshot(doc) == report["before"]
+    if docker.last is not None:
+        target, group = docker.last
+        report["result_is_source"] = target == doc
+        report["after"] = snapshot(target)
+        report["group"] = group.name()
+        report["layers"] = layers(group)
+        try:
+            report["annotation"] = json.loads(bytes(target.annotation("tessera")).decode())
+        except Exception as e:
+            report["annotation"] = repr(e)
+        dump(target, spec["out"] + ".out", target.width(), target.height())
+        if spec.get("sliders"):
+            docker.pixel_slider.setValue(30)
+            docker.semantic_slider.setValue(70)
+            rig_wait(200)
+            target.waitForDone()
+            report["layers_after_sliders"] = layers(group)
+            dump(target, spec["out"] + ".out2", target.width(), target.height())
+        if spec.get("screenshot"):
+            if spec.get("zoom"):
+                WINDOW.activeView().canvas().setZoomLevel(spec["zoom"])
+            rig_wait(1500)
+            rig_screenshot(spec["screenshot"])
+    with open(spec["out"], "w") as f:
+        json.dump(report, f)
+    for d in app.documents():
+        d.setModified(False)
+
+
+if spec.get("quit_mid_job"):
+    quit_mid_job()
+else:
+    the_rest()
