@@ -144,6 +144,11 @@ impl ConvCl {
         self.wino.in_channels()
     }
 
+    /// The convolution of the first C channels of a transformed input (F(4,3) only).
+    pub fn forward_transformed(&self, t: &crate::winograd::Transformed, act: Activation<'_>) -> Vec<f32> {
+        self.wino.forward_transformed(t, act)
+    }
+
     /// The same on padded h×w activations whose pixels are `stride` values apart (the first C
     /// are read); returns the padded output, O values a pixel.
     pub fn forward_slice(&self, x: &[f32], stride: usize, h: usize, w: usize, act: Activation<'_>) -> Vec<f32> {
