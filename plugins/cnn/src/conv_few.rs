@@ -93,7 +93,7 @@ impl ConvFew {
                 for y in y0.saturating_sub(p)..(y0 + rows + p).min(h) {
                     read(y, lo, &mut input[skip * c..(skip + hi - lo) * c]);
                     // prods[(tap, o)][n] = Σ_c input[n][c]·taps[c][(tap, o)], column-major.
-                    matmul_cm(input, &self.taps, prods, span, c, taps_n);
+                    crate::winograd::matmul_to(input, c, &self.taps, prods, (span, c, taps_n), (1, span));
                     arch.dispatch(|| {
                         for ky in 0..k {
                             // Output row y + p − ky reads this input row through kernel row ky.
@@ -113,37 +113,6 @@ impl ConvFew {
             }
         });
         Tensor::from_vec(out, (h, o, w), &Device::Cpu)?.permute((1, 0, 2))?.unsqueeze(0)?.contiguous()
-    }
-}
-
-/// `dst (rows × n, column-major) = lhs (rows × k, row-major) · rhs (k × n, row-major)`, on
-/// this thread.
-fn matmul_cm(lhs: &[f32], rhs: &[f32], dst: &mut [f32], rows: usize, k: usize, n: usize) {
-    assert!(lhs.len() >= rows * k && rhs.len() >= k * n && dst.len() >= rows * n);
-    // SAFETY: the three slices are at least as long as the matrices the strides describe
-    // (checked above), and `dst` does not alias the inputs (it is a `&mut`).
-    unsafe {
-        gemm::gemm(
-            rows,
-            n,
-            k,
-            dst.as_mut_ptr(),
-            rows as isize,
-            1,
-            false,
-            lhs.as_ptr(),
-            1,
-            k as isize,
-            rhs.as_ptr(),
-            1,
-            n as isize,
-            0.0,
-            1.0,
-            false,
-            false,
-            false,
-            gemm::Parallelism::None,
-        )
     }
 }
 

@@ -502,17 +502,25 @@ fn input_transform4(src: &Source<'_>, t_y: usize, x0: usize, nb: usize, v: &mut 
 /// `dst (rows × n) = lhs (rows × k, rows `lhs_row` values apart) · rhs (k × n)`, row-major,
 /// on this thread.
 fn matmul(lhs: &[f32], lhs_row: usize, rhs: &[f32], dst: &mut [f32], rows: usize, k: usize, n: usize) {
-    assert!(lhs_row >= k && lhs.len() >= (rows - 1) * lhs_row + k && rhs.len() >= k * n && dst.len() >= rows * n);
-    // SAFETY: the three slices are at least as long as the row-major matrices the strides
-    // describe (checked above), and `dst` does not alias the inputs (it is a `&mut`).
+    matmul_to(lhs, lhs_row, rhs, dst, (rows, k, n), (n, 1));
+}
+
+/// `dst = lhs · rhs` for `(rows, k, n)`: lhs row-major, its rows `lhs_row` values apart; rhs
+/// row-major k × n; dst's element (i, j) at `i·dst_step.0 + j·dst_step.1`. On this thread.
+pub(crate) fn matmul_to(lhs: &[f32], lhs_row: usize, rhs: &[f32], dst: &mut [f32], (rows, k, n): (usize, usize, usize), dst_step: (usize, usize)) {
+    assert!(rows > 0 && n > 0 && lhs_row >= k);
+    assert!(lhs.len() >= (rows - 1) * lhs_row + k && rhs.len() >= k * n);
+    assert!(dst.len() > (rows - 1) * dst_step.0 + (n - 1) * dst_step.1);
+    // SAFETY: the three slices hold every element the sizes and strides reach (checked
+    // above), and `dst` does not alias the inputs (it is a `&mut`).
     unsafe {
         gemm::gemm(
             rows,
             n,
             k,
             dst.as_mut_ptr(),
-            1,
-            n as isize,
+            dst_step.1 as isize,
+            dst_step.0 as isize,
             false,
             lhs.as_ptr(),
             1,
