@@ -172,8 +172,9 @@ const RDB_STRIP_VALUES: usize = 2 << 20;
 /// 4×, an output row reaches feature rows up to two away.
 const TAIL_HALO: usize = 2;
 
-/// Feature pixels per tail strip: 4096 become 65536 output pixels, 16 MiB of 64 channels.
-const TAIL_STRIP_PIXELS: usize = 4096;
+/// Feature pixels per tail strip: 8192 become 131072 output pixels, 32 MiB of 64 channels.
+/// Fewer (4096) made the anime model's tail 15 % slower at 256² for 70 MB less.
+const TAIL_STRIP_PIXELS: usize = 8192;
 
 impl Module for RrdbNet {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
