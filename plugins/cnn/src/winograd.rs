@@ -189,8 +189,8 @@ impl Winograd {
         assert!(stride >= self.c && p.len() >= (h + 3) * (w + 2) * stride, "the activations do not match the convolution");
         let src = Source { p, h, pw: w + 2, stride, c: self.c };
         match self.m {
-            2 => self.run::<2>(&src, w, act),
-            _ => self.run::<4>(&src, w, act),
+            2 => self.run::<2>(Input::Pixels(&src), h, w, act),
+            _ => self.run::<4>(Input::Pixels(&src), h, w, act),
         }
     }
 
@@ -198,8 +198,8 @@ impl Winograd {
     /// blocks of `BLOCK` tiles through all three steps (input transform, (M+2)² products,
     /// output transform) so the intermediate matrices stay in its cache and are reused, never
     /// allocated per call. One instantiation per tile size, each with only its transforms.
-    fn run<const M: usize>(&self, src: &Source<'_>, w: usize, act: Activation<'_>) -> Vec<f32> {
-        let (c, o, h, pw) = (self.c, self.o, src.h, src.pw);
+    fn run<const M: usize>(&self, input: Input<'_>, h: usize, w: usize, act: Activation<'_>) -> Vec<f32> {
+        let (c, o, pw) = (self.c, self.o, w + 2);
         let nn = (M + 2) * (M + 2);
         let (ty, tx) = (h.div_ceil(M), w.div_ceil(M));
         // Room for whole tile rows; rows past the padded image are dropped at the end.
@@ -209,18 +209,25 @@ impl Winograd {
         let body = &mut out[pw * o..(M * ty + 1) * pw * o];
         body.par_chunks_mut(M * pw * o).enumerate().for_each(|(t_y, dst)| {
             SCRATCH.with_borrow_mut(|(v, mm)| {
-                v.resize(nn * BLOCK * c, 0.0);
                 mm.resize(nn * BLOCK * o, 0.0);
-                for x0 in (0..tx).step_by(BLOCK) {
+                for (b, x0) in (0..tx).step_by(BLOCK).enumerate() {
                     let nb = BLOCK.min(tx - x0);
-                    // The transforms compiled for the CPU's widest vectors (AVX2, AVX-512).
-                    if M == 2 {
-                        arch.dispatch(|| input_transform2(src, t_y, x0, nb, v, c));
-                    } else {
-                        arch.dispatch(|| input_transform4(src, t_y, x0, nb, v, c));
-                    }
+                    // V for this block, its rows `v_row` values apart: transformed here (with
+                    // the transforms compiled for the CPU's widest vectors), or beforehand.
+                    let (v, v_row): (&[f32], usize) = match input {
+                        Input::Pixels(src) => {
+                            v.resize(nn * BLOCK * c, 0.0);
+                            if M == 2 {
+                                arch.dispatch(|| input_transform2(src, t_y, x0, nb, v, c));
+                            } else {
+                                arch.dispatch(|| input_transform4(src, t_y, x0, nb, v, c));
+                            }
+                            (v, c)
+                        }
+                        Input::Transformed(t) => (&t.v[t_y * t.row_len() + b * nn * BLOCK * t.channels..], t.channels),
+                    };
                     for kl in 0..nn {
-                        matmul(&v[kl * BLOCK * c..], c, &self.u[kl * c * o..][..c * o], &mut mm[kl * BLOCK * o..][..nb * o], nb, c, o);
+                        matmul(&v[kl * BLOCK * v_row..], v_row, &self.u[kl * c * o..][..c * o], &mut mm[kl * BLOCK * o..][..nb * o], nb, c, o);
                     }
                     if M == 2 {
                         arch.dispatch(|| self.output_transform2(mm, nb, x0, t_y, h, w, act, dst));
@@ -350,29 +357,17 @@ impl Winograd {
     /// The convolution of the first C channels of `t` (F(4,3) only); output as `forward_slice`.
     pub fn forward_transformed(&self, t: &Transformed, act: Activation<'_>) -> Vec<f32> {
         assert!(self.m == 4 && self.c <= t.channels, "the transformed input does not match the convolution");
-        let (c, o, h, w) = (self.c, self.o, t.h, t.w);
-        let (pw, ty, tx) = (w + 2, h.div_ceil(4), w.div_ceil(4));
-        let mut out = vec![0f32; (h + 3).max(4 * ty + 1) * pw * o];
-        let arch = pulp::Arch::new();
-        let (row_len, block) = (t.row_len(), 36 * BLOCK * t.channels);
-        let body = &mut out[pw * o..(4 * ty + 1) * pw * o];
-        body.par_chunks_mut(4 * pw * o).enumerate().for_each(|(t_y, dst)| {
-            SCRATCH.with_borrow_mut(|(_, mm)| {
-                mm.resize(36 * BLOCK * o, 0.0);
-                let blocks = &t.v[t_y * row_len..][..row_len];
-                for (b, x0) in (0..tx).step_by(BLOCK).enumerate() {
-                    let nb = BLOCK.min(tx - x0);
-                    for kl in 0..36 {
-                        let lhs = &blocks[b * block + kl * BLOCK * t.channels..];
-                        matmul(lhs, t.channels, &self.u[kl * c * o..][..c * o], &mut mm[kl * BLOCK * o..][..nb * o], nb, c, o);
-                    }
-                    arch.dispatch(|| self.output_transform4(mm, nb, x0, t_y, h, w, act, dst));
-                }
-            });
-        });
-        out.truncate((h + 3) * pw * o);
-        out
+        self.run::<4>(Input::Transformed(t), t.h, t.w, act)
     }
+}
+
+/// Where a convolution's transformed input V comes from.
+#[derive(Clone, Copy)]
+enum Input<'a> {
+    /// Padded activations, transformed block by block as the products need them.
+    Pixels(&'a Source<'a>),
+    /// Transformed beforehand, all channels of all tiles ([`Transformed`]).
+    Transformed(&'a Transformed),
 }
 
 /// Tiles per block: the block's transformed inputs and products stay in a core's L2 (with 32, V
