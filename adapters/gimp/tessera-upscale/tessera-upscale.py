@@ -100,28 +100,26 @@ def read_selection(image, drawable):
     return bytes(image.get_selection().get_buffer().get(rect, 1.0, "Y float", Gegl.AbyssPolicy.NONE))
 
 
-def run_job(tc, settings, width, height, channels, pixels, sample, progress):
-    """Runs one job on the daemon and returns its layers as (layer info, bytes), bottom first.
-    Nothing here touches the document, so any failure leaves it as it was."""
+def connect(tc):
     try:
-        client = tc.Client.connect(client="tessera-gimp/0.1", timeout=60.0)
+        return tc.Client.connect(client="tessera-gimp/0.1", timeout=60.0)
     except tc.TesseraError as e:
         raise Failure("Tessera could not start or reach its daemon: %s" % e)
-    try:
-        params = exact_params(client, settings) if settings.get("exact") else None
-        buf = client.alloc(width, height, channels, sample="f32")
-        buf.write_pixels(pixels)
-        job = client.submit(settings["model"], settings["scale"], buf, params=params, plugin=settings["engine"], output_sample=sample)
-        layers = job.wait(progress=progress)
-        out = [(layer, layer.buffer.read_pixels()) for layer in layers]
-        for layer in layers:
-            client.release(layer.buffer)
-        client.release(buf)
-        return out
-    except tc.TesseraError as e:
-        raise Failure(str(e))
-    finally:
-        client.close()
+
+
+def run_job(client, settings, width, height, channels, pixels, sample, progress):
+    """Runs one job on the daemon and returns its layers as (layer info, bytes), bottom first.
+    Nothing here touches the document, so any failure leaves it as it was."""
+    params = exact_params(client, settings) if settings.get("exact") else None
+    buf = client.alloc(width, height, channels, sample="f32")
+    buf.write_pixels(pixels)
+    job = client.submit(settings["model"], settings["scale"], buf, params=params, plugin=settings["engine"], output_sample=sample)
+    layers = job.wait(progress=progress)
+    out = [(layer, layer.buffer.read_pixels()) for layer in layers]
+    for layer in layers:
+        client.release(layer.buffer)
+    client.release(buf)
+    return out
 
 
 def exact_params(client, settings):
@@ -218,12 +216,16 @@ def upscale(image, drawable, settings):
         if total:
             Gimp.progress_update(min(1.0, float(ev.get("done", 0)) / total))
 
-    layers = run_job(tc, settings, w, h, space.channels, pixels, space.sample, progress)
     mask = None
-    if selection is not None and any(info.role != "base" for info, _ in layers):
-        # The selection, upscaled like the image, limits where detail is added.
-        mask_layers = run_job(tc, {"engine": "classic", "model": "classic", "scale": s}, w, h, 1, selection, "f32", None)
-        mask = mask_layers[0][1]
+    try:
+        with connect(tc) as client:
+            layers = run_job(client, settings, w, h, space.channels, pixels, space.sample, progress)
+            if selection is not None and any(info.role != "base" for info, _ in layers):
+                # The selection, upscaled like the image, limits where detail is added.
+                classic = {"engine": "classic", "model": "classic", "scale": s}
+                mask = run_job(client, classic, w, h, 1, selection, "f32", None)[0][1]
+    except tc.TesseraError as e:
+        raise Failure(str(e))
     Gimp.progress_update(1.0)
 
     if settings["new_image"]:
@@ -257,10 +259,10 @@ def ask(procedure, config):
     GimpUi.init(PROC)
     tc = _import_client()
     try:
-        with tc.Client.connect(client="tessera-gimp/0.1", timeout=60.0) as client:
+        with connect(tc) as client:
             plugins = client.list()["plugins"]
     except tc.TesseraError as e:
-        raise Failure("Tessera could not start or reach its daemon: %s" % e)
+        raise Failure(str(e))
     dialog = GimpUi.ProcedureDialog.new(procedure, config, "Tessera Upscale")
     combo = Gtk.ComboBoxText()
     for plugin in plugins:
