@@ -50,12 +50,27 @@ def read_safetensors(path):
             for k, v in header.items() if k != "__metadata__"}
 
 
-def rrdbnet_onnx(t):
+def new_graph():
+    """Empty node and initializer lists, and `const(name, array)` that adds a float32
+    initializer and returns its name."""
     nodes, inits = [], []
 
     def const(name, arr):
         inits.append(numpy_helper.from_array(np.ascontiguousarray(arr, dtype=np.float32), name))
         return name
+    return nodes, inits, const
+
+
+def to_model(nodes, inits, name):
+    """The graph x (1, 3, h, w) → y (1, 3, 4h, 4w) as an opset-17 model."""
+    graph = helper.make_graph(nodes, name,
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, None, None])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3, None, None])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def rrdbnet_onnx(t):
+    nodes, inits, const = new_graph()
 
     def conv(x, name, lrelu=False):
         nodes.append(helper.make_node("Conv", [x, const(name + ".w", t[name + ".weight"]), const(name + ".b", t[name + ".bias"])],
@@ -91,18 +106,11 @@ def rrdbnet_onnx(t):
         h = conv(h, up, lrelu=True)
     y = conv(conv(h, "conv_hr", lrelu=True), "conv_last")
     nodes.append(helper.make_node("Identity", [y], ["y"]))
-    graph = helper.make_graph(nodes, "rrdbnet",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, None, None])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3, None, None])], inits)
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    return to_model(nodes, inits, "rrdbnet")
 
 
 def srresnet_onnx(t):
-    nodes, inits = [], []
-
-    def const(name, arr):
-        inits.append(numpy_helper.from_array(np.ascontiguousarray(arr, dtype=np.float32), name))
-        return name
+    nodes, inits, const = new_graph()
 
     def conv(x, name, bn=None):
         w, b = t[name + ".weight"].astype(np.float64), t[name + ".bias"].astype(np.float64)
@@ -135,10 +143,7 @@ def srresnet_onnx(t):
     nodes.append(helper.make_node("Tanh", [y], ["tanh"]))
     nodes.append(helper.make_node("Add", ["tanh", const("one", np.ones(1))], ["plus1"]))
     nodes.append(helper.make_node("Mul", ["plus1", const("half", np.full(1, 0.5))], ["y"]))
-    graph = helper.make_graph(nodes, "srresnet",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, None, None])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3, None, None])], inits)
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    return to_model(nodes, inits, "srresnet")
 
 
 def rrdbnet_torch(t, torch, F):
