@@ -86,9 +86,9 @@ def run_krita(variant, tmp_path, plugin_dir, store, spec, runtime=None):
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_8bit_upscale_matches_the_daemon_and_sliders_blend(variant, tmp_path, plugin_dir, store):
+def test_8bit_upscale_matches_the_daemon_sliders_blend_and_exact_renders(variant, tmp_path, plugin_dir, store):
     report, pixels = run_krita(variant, tmp_path, plugin_dir, store, {
-        "input": picture(tmp_path / "in.png", "RGB"), "sliders": True})
+        "input": picture(tmp_path / "in.png", "RGB"), "sliders": True, "exact": True})
     assert report["qt"] == int(variant)
     assert report["job"].startswith("done"), (report["job"], report["message"])
     assert report["status"].startswith("Connected: ")
@@ -111,6 +111,30 @@ def test_8bit_upscale_matches_the_daemon_and_sliders_blend(variant, tmp_path, pl
     # Krita blends each layer at partial opacity in 8-bit integer arithmetic and rounds after
     # each: one more level than at full opacity.
     assert np.abs(got2[..., :3] * 255 - np.round(np.clip(want[..., :3], 0, 1) * 255)).max() <= 2.0 + 1e-3
+
+    # Render exact at λ_sem 0.4 (pixel slider at 100): the semantic detail of the network
+    # interpolated at 0.4 replaces the linear layer, at full opacity; the picture is that network's.
+    assert report["exact_enabled"] and report["exact_job"].startswith("done"), (report["exact_job"], report["exact_message"])
+    exact = {l["name"].split("· ")[-1]: l for l in report["layers_after_exact"]}
+    assert exact["exact λ 0.40"]["opacity"] == 255 and exact["exact λ 0.40"]["blend"] == "grain_merge"
+    assert exact["exact λ 0.40"]["visible"] and not exact["semantic detail"]["visible"]
+    full_exact, _ = daemon_x_full(store, src, params={"dni": 0.4})
+    got3 = pixels("exact", 160, 128)
+    assert np.abs(got3[..., :3] * 255 - np.round(np.clip(full_exact[..., :3], 0, 1) * 255)).max() <= 1.0 + 1e-3
+    # It differs from the linear blend at 0.4 (else the test could not tell them apart).
+    linear = out["base"] + out["pixel_detail"] + 0.4 * out["semantic_detail"]
+    assert np.abs(np.clip(linear, 0, 1) - np.clip(full_exact, 0, 1))[..., :3].max() * 255 > 4
+    back = {l["name"].split("· ")[-1]: l for l in report["layers_after_moving_back"]}
+    assert not back["exact λ 0.40"]["visible"] and back["semantic detail"]["visible"]
+    assert back["semantic detail"]["opacity"] == round(255 * 0.6)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_render_exact_is_off_for_a_model_without_it(variant, tmp_path, plugin_dir, store):
+    report, _ = run_krita(variant, tmp_path, plugin_dir, store, {
+        "input": picture(tmp_path / "in.png", "RGB"), "model": "realesrgan-x4plus", "new_document": True})
+    assert report["job"].startswith("done"), (report["job"], report["message"])
+    assert report["exact_enabled"] is False
 
 
 @pytest.mark.parametrize("variant", VARIANTS)

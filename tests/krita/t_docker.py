@@ -2,7 +2,7 @@
 # rig_screenshot, RIG_QT_MAJOR). Argument: a JSON spec (see tests/test_krita.py). Opens the
 # input, drives the Tessera docker as a user would (model, scale, Upscale, Cancel, sliders)
 # and writes spec["out"] (JSON) with raw pixel dumps beside it: the source layer (.src) and
-# the result's projection (.out, .out2 after moving the sliders).
+# the result's projection (.out, .out2 after moving the sliders, .exact after Render exact).
 import json
 import sys
 import time
@@ -102,11 +102,12 @@ def the_rest():
     report["progress"] = docker.progress.format()
     report["unchanged"] = snapshot(doc) == report["before"]
     if docker.last is not None:
-        target, group = docker.last
+        target, group = docker.last.doc, docker.last.group
         report["result_is_source"] = target == doc
         report["after"] = snapshot(target)
         report["group"] = group.name()
         report["layers"] = layers(group)
+        report["exact_enabled"] = docker.exact_button.isEnabled()
         try:
             report["annotation"] = json.loads(bytes(target.annotation("tessera")).decode())
         except Exception as e:
@@ -119,7 +120,24 @@ def the_rest():
             target.waitForDone()
             report["layers_after_sliders"] = layers(group)
             dump(target, spec["out"] + ".out2", target.width(), target.height())
+        if spec.get("exact"):
+            docker.pixel_slider.setValue(100)
+            docker.semantic_slider.setValue(40)
+            docker.exact_button.click()
+            deadline = time.monotonic() + 600
+            while docker.runs and time.monotonic() < deadline:
+                rig_wait(100)
+            target.waitForDone()
+            report["exact_job"] = docker.jobs.item(0).text()
+            report["exact_message"] = docker.message.text()
+            report["layers_after_exact"] = layers(group)
+            dump(target, spec["out"] + ".exact", target.width(), target.height())
+            # Moving the semantic slider again goes back to the linear blend.
+            docker.semantic_slider.setValue(60)
+            rig_wait(200)
+            report["layers_after_moving_back"] = layers(group)
         if spec.get("screenshot"):
+            target.setActiveNode(group)
             if spec.get("zoom"):
                 WINDOW.activeView().canvas().setZoomLevel(spec["zoom"])
             rig_wait(1500)

@@ -1,6 +1,7 @@
 """The Tessera docker: connection status, model, scale, where the result goes, Upscale and
-Cancel, progress with stage and time left, the jobs of this session, and two sliders that blend
-the last result's detail layers live.
+Cancel, progress with stage and time left, the jobs of this session, two sliders that blend
+the last result's detail layers live, and Render exact where the model can render the semantic
+detail exactly at the slider's λ.
 
 Talking to the daemon happens on worker threads (connecting may start it, a job takes minutes);
 they hand events to a queue that a timer empties on the GUI thread, the only thread that
@@ -24,11 +25,13 @@ CLIENT_NAME = "tessera-krita/0.1"
 
 class Run(threading.Thread):
     """One upscale on the daemon: pixels in, result layers (and the upscaled selection) out,
-    as events on `events`. Never touches Krita."""
+    as events on `events`. Never touches Krita. `exact`: for an exact render, the Result it
+    renders again and λ_sem."""
 
-    def __init__(self, settings, source, pixels, selection):
+    def __init__(self, settings, source, pixels, selection, params=None, exact=None):
         super().__init__(name="tessera-job", daemon=True)
         self.settings, self.source, self.pixels, self.selection = settings, source, pixels, selection
+        self.params, self.exact = params, exact
         self.item = None  # its line in the docker's job list
         self.started = time.monotonic()
         self.size = (source.width, source.height, source.channels, source.sample, source.result_sample)
@@ -43,7 +46,8 @@ class Run(threading.Thread):
                 buf = client.alloc(w, h, channels, sample=sample)
                 buf.write_pixels(self.pixels)
                 s = self.settings
-                self.job = client.submit(s["model"], s["scale"], buf, plugin=s["engine"], output_sample=result_sample)
+                self.job = client.submit(s["model"], s["scale"], buf, plugin=s["engine"], params=self.params,
+                                         output_sample=result_sample)
                 self.events.put(("queued", self.job.id))
                 for ev in self.job.events():
                     if ev.get("type") == "progress":
@@ -65,6 +69,19 @@ class Run(threading.Thread):
         job = self.job
         if job is not None:
             threading.Thread(target=job.cancel, name="tessera-cancel", daemon=True).start()
+
+
+class Result(object):
+    """A result in a document: its group of layers and the run that made it (whose input
+    pixels an exact render uses again; the document may have been scaled since)."""
+
+    def __init__(self, doc, group, run, mask):
+        self.doc, self.group, self.run, self.mask = doc, group, run, mask
+
+    def alive(self):
+        """Whether the document is still open and the group still in it."""
+        return (any(d == self.doc for d in Krita.instance().documents())
+                and self.doc.nodeByUniqueID(self.group.uniqueId()) is not None)
 
 
 class Probe(threading.Thread):
@@ -128,15 +145,22 @@ class TesseraDocker(DockWidget):
         sliders.addRow("Pixel detail", self.pixel_slider)
         sliders.addRow("Semantic detail", self.semantic_slider)
         lay.addLayout(sliders)
+        self.exact_button = QPushButton("Render exact", body)
+        self.exact_button.setToolTip("Replace the semantic blend with the model's own render at this λ "
+                                     "(srgan-pair: its two networks' weights interpolated)")
+        self.exact_button.setEnabled(False)
+        lay.addWidget(self.exact_button)
         lay.addWidget(QLabel("Jobs", body))
         self.jobs = QListWidget(body)
         lay.addWidget(self.jobs)
         self.setWidget(body)
 
         self.runs = []  # jobs not finished yet, oldest first
-        self.last = None  # (document, group) of the last result
+        self.last = None  # the last Result
+        self.exact_models = set()  # "engine/model" of the models that render exactly
         self.events = queue.Queue()
         self.upscale_button.clicked.connect(self.upscale)
+        self.exact_button.clicked.connect(self.render_exact)
         self.cancel_button.clicked.connect(self.cancel)
         self.pixel_slider.valueChanged.connect(lambda v: self.blend("pixel_detail", v))
         self.semantic_slider.valueChanged.connect(lambda v: self.blend("semantic_detail", v))
@@ -181,6 +205,10 @@ class TesseraDocker(DockWidget):
             self.say(str(e))
             return
         self.jobs.insertItem(0, "queued: %s ×%d on %s" % (settings["model"], settings["scale"], source.node.name()))
+        self.start(run)
+
+    def start(self, run):
+        """Starts a run whose line was just put at the top of the job list."""
         run.item = self.jobs.item(0)
         self.runs.append(run)
         self.cancel_button.setEnabled(True)
@@ -197,15 +225,39 @@ class TesseraDocker(DockWidget):
             run.cancel()
             self.progress.setFormat("cancelling")
 
-    def blend(self, role, value):
-        """Moves a detail layer's opacity live (0-100 %)."""
-        if self.last is None:
+    def render_exact(self):
+        """Renders the last result's semantic detail again at the slider's λ_sem, from the
+        pixels it was made from, and puts it in place of the linear blend."""
+        last = self.last
+        if last is None or not last.alive():
+            self.say("The last result is gone; upscale again.")
             return
-        doc, group = self.last
-        layer = document.detail_layers(group).get(role)
+        semantic = self.semantic_slider.value() / 100.0
+        r = last.run
+        run = Run(dict(r.settings, semantic_opacity=100.0 * semantic), r.source, r.pixels, None,
+                  params={"dni": semantic}, exact=(last, semantic))
+        self.jobs.insertItem(0, "queued: exact λ %.2f, %s on %s" % (semantic, r.settings["model"], r.source.node.name()))
+        self.start(run)
+
+    def blend(self, role, value):
+        """Moves a detail layer's opacity live (0-100 %). Moving the semantic slider after an
+        exact render goes back to the linear blend, at the new λ."""
+        last = self.last
+        if last is None or not last.alive():
+            return
+        layers = document.detail_layers(last.group)
+        if role == "semantic_detail" and "semantic_exact" in layers and layers["semantic_exact"].visible():
+            layers["semantic_exact"].setVisible(False)
+            layers.get(role) is not None and layers[role].setVisible(True)
+        layer = layers.get(role)
         if layer is not None:
             layer.setOpacity(round(255 * value / 100.0))
-            doc.refreshProjection()
+            last.doc.refreshProjection()
+
+    def update_exact_button(self):
+        last = self.last
+        key = last and "%s/%s" % (last.run.settings["engine"], last.run.settings["model"])
+        self.exact_button.setEnabled(key in self.exact_models)
 
     def say(self, text):
         self.message.setText(text)
@@ -233,12 +285,19 @@ class TesseraDocker(DockWidget):
             devices = ", ".join(sorted({w.get("device", "?") for w in listing.get("workers", [])})) or "no worker"
             self.status.setText("Connected: %s · %s" % ((welcome or {}).get("daemon", "tesserad"), devices))
             self.model.clear()
+            self.exact_models.clear()
             for plugin in listing["plugins"]:
                 for m in plugin["models"]:
-                    self.model.addItem("%s (%s)" % (m["name"], plugin["name"]), "%s/%s" % (plugin["id"], m["id"]))
+                    key = "%s/%s" % (plugin["id"], m["id"])
+                    self.model.addItem("%s (%s)" % (m["name"], plugin["name"]), key)
+                    # Today's exact render: srgan-pair's interpolated network (`dni`), which
+                    # takes one pass of the network; engines that keep latents say exact_render.
+                    if m.get("exact_render") or any(p.get("name") == "dni" for p in m.get("parameters", [])):
+                        self.exact_models.add(key)
             index = self.model.findData("cnn/srgan-pair")
             if index >= 0:
                 self.model.setCurrentIndex(index)
+            self.update_exact_button()
         elif kind == "offline":
             self.status.setText("Daemon not reachable: %s" % ev[1])
         elif kind == "queued":
@@ -252,6 +311,18 @@ class TesseraDocker(DockWidget):
             eta = p.get("eta")
             left = (" — %.0f s left" % eta) if eta is not None else ""
             self.progress.setFormat("%s %d/%d%s" % (p.get("stage", ""), p.get("done", 0), total, left))
+        elif kind == "result" and run.exact:
+            last, semantic = run.exact
+            try:
+                if not last.alive():
+                    raise document.Failure("The result was closed or deleted before its exact render came; upscale again.")
+                document.write_exact(last.doc, last.group, run.source, ev[1], last.mask, semantic)
+            except Exception as e:  # the result's layers are as they were
+                self.finish(run, "failed")
+                self.say(str(e))
+                return
+            self.finish(run, "done in %.1f s" % (time.monotonic() - run.started))
+            self.progress.setValue(1000)
         elif kind == "result":
             try:
                 doc, group = document.write_result(Krita.instance(), Krita.instance().activeWindow(),
@@ -260,7 +331,8 @@ class TesseraDocker(DockWidget):
                 self.finish(run, "failed")
                 self.say(str(e))
                 return
-            self.last = (doc, group)
+            self.last = Result(doc, group, run, ev[2])
+            self.update_exact_button()
             self.finish(run, "done in %.1f s" % (time.monotonic() - run.started))
             self.progress.setValue(1000)
             if ev[2] is not None and not document.can_mask(doc):

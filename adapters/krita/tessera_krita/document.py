@@ -137,16 +137,13 @@ def write_result(app, window, source, settings, layers, mask):
     below = None
     opacity = {"pixel_detail": settings["pixel_opacity"], "semantic_detail": settings["semantic_opacity"]}
     for role, name, blend, w, h, data in layers:
-        layer = target.createNode(name, "paintlayer")
-        group.addChildNode(layer, below)
+        if role == "base":
+            layer = target.createNode(name, "paintlayer")
+            group.addChildNode(layer, below)
+            layer.setPixelData(to_layer_bytes(source, data, False), 0, 0, w, h)
+        else:
+            layer = add_detail_layer(target, group, below, source, name, blend, opacity.get(role, 100.0), mask, w, h, data)
         below = layer
-        if role != "base":
-            layer.setBlendingMode("grain_merge" if blend == "grain_merge" else "add")
-            layer.setInheritAlpha(True)
-            layer.setOpacity(round(255 * opacity.get(role, 100.0) / 100.0))
-            if mask is not None and can_mask(target):
-                add_mask(target, layer, mask, w, h)
-        layer.setPixelData(to_layer_bytes(source, data, role != "base"), 0, 0, w, h)
     if not settings["new_document"]:
         # The group is this layer upscaled; where it is not opaque the original would show.
         source.node.setVisible(False)
@@ -159,6 +156,38 @@ def write_result(app, window, source, settings, layers, mask):
     target.refreshProjection()
     target.waitForDone()
     return target, group
+
+
+def add_detail_layer(doc, group, below, source, name, blend, opacity, mask, w, h, data):
+    """A residual layer in `group` above `below`: blended so that opacity a adds a·R, taking
+    its coverage from the layers below, masked by the upscaled selection where Krita can."""
+    layer = doc.createNode(name, "paintlayer")
+    group.addChildNode(layer, below)
+    layer.setBlendingMode("grain_merge" if blend == "grain_merge" else "add")
+    layer.setInheritAlpha(True)
+    layer.setOpacity(round(255 * opacity / 100.0))
+    if mask is not None and can_mask(doc):
+        add_mask(doc, layer, mask, w, h)
+    layer.setPixelData(to_layer_bytes(source, data, True), 0, 0, w, h)
+    return layer
+
+
+def write_exact(doc, group, source, layers, mask, semantic):
+    """Puts an exact render's semantic detail (the network interpolated at λ_sem = `semantic`,
+    0..1) above the linear one, at full opacity, and hides the linear one; an earlier exact
+    layer goes. Raises Failure, touching nothing, if the result group has lost its layers."""
+    detail = detail_layers(group)
+    linear = detail.get("semantic_detail")
+    exact = [l for l in layers if l[0] == "semantic_detail"]
+    if linear is None or not exact:
+        raise Failure("The result has no semantic detail layer to replace any more; upscale again.")
+    _, name, blend, w, h, data = exact[0]
+    if "semantic_exact" in detail:
+        detail["semantic_exact"].remove()
+    add_detail_layer(doc, group, linear, source, "%s · exact λ %.2f" % (name, semantic), blend, 100.0, mask, w, h, data)
+    linear.setVisible(False)
+    doc.refreshProjection()
+    doc.waitForDone()
 
 
 def can_mask(doc):
@@ -178,10 +207,12 @@ def add_mask(doc, layer, mask, w, h):
 
 
 def detail_layers(group):
-    """{role: node} of a result group's detail layers."""
+    """{role: node} of a result group's detail layers; "semantic_exact" is an exact render's."""
     out = {}
     for node in group.childNodes():
-        if node.name().endswith("pixel detail"):
+        if " · exact λ " in node.name():
+            out["semantic_exact"] = node
+        elif node.name().endswith("pixel detail"):
             out["pixel_detail"] = node
         elif node.name().endswith("semantic detail"):
             out["semantic_detail"] = node
