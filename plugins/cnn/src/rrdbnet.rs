@@ -7,6 +7,7 @@
 
 use candle_core::{Device, Module, Result, Tensor};
 
+use crate::conv_few::ConvFew;
 use crate::layers::{ConvCl, Padded, Weights};
 use crate::winograd::{Activation, Transformed};
 
@@ -73,7 +74,8 @@ pub struct RrdbNet {
     conv_up1: ConvCl,
     conv_up2: ConvCl,
     conv_hr: ConvCl,
-    conv_last: ConvCl,
+    /// 64 → 3: a wide GEMM (Winograd would fill 3 of its 16 lanes).
+    conv_last: ConvFew,
     /// Feature pixels per strip of the ×4 tail ([`TAIL_STRIP_PIXELS`]).
     tail_strip_pixels: usize,
     /// Values of a dense block's concatenation per strip ([`RDB_STRIP_VALUES`]).
@@ -99,7 +101,7 @@ impl RrdbNet {
             conv_up1: conv("conv_up1")?,
             conv_up2: conv("conv_up2")?,
             conv_hr: conv("conv_hr")?,
-            conv_last: conv("conv_last")?,
+            conv_last: ConvFew::new(&weights.conv("conv_last", None)?)?,
             tail_strip_pixels: TAIL_STRIP_PIXELS,
             rdb_strip_values: RDB_STRIP_VALUES,
         })
@@ -157,7 +159,7 @@ impl RrdbNet {
         let u = self.conv_up1.forward_act(&feat.upsample2()?, LEAKY)?.upsample2()?;
         let u = self.conv_up2.forward_act(&u, LEAKY)?;
         let u = self.conv_hr.forward_act(&u, LEAKY)?;
-        self.conv_last.forward(&u)?.to_nchw()
+        self.conv_last.forward_padded(&u)
     }
 }
 
