@@ -86,7 +86,6 @@ impl ConvFew {
         let taps_n = k * k * o;
         // Output rows × O planes × w: a strip is one contiguous chunk.
         let mut out = vec![0f32; h * o * w];
-        let arch = pulp::Arch::new();
         out.par_chunks_mut(strip * o * w).enumerate().for_each(|(s, chunk)| {
             let (y0, rows) = (s * strip, chunk.len() / (o * w));
             for (r, plane) in chunk.chunks_exact_mut(w).enumerate() {
@@ -106,25 +105,33 @@ impl ConvFew {
                     read(y, lo, &mut input[skip * c..(skip + hi - lo) * c]);
                     // prods[(tap, o)][n] = Σ_c input[n][c]·taps[c][(tap, o)], column-major.
                     crate::winograd::matmul_to(input, c, &self.taps, prods, (span, c, taps_n), (1, span));
-                    arch.dispatch(|| {
-                        for ky in 0..k {
-                            // Output row y + p − ky reads this input row through kernel row ky.
-                            let Some(r) = (y + p).checked_sub(ky + y0).filter(|&r| r < rows) else { continue };
-                            for oc in 0..o {
-                                let acc = &mut chunk[(r * o + oc) * w + x0..][..cols];
-                                for kx in 0..k {
-                                    let src = &prods[((ky * k + kx) * o + oc) * span + kx..][..cols];
-                                    for (a, s) in acc.iter_mut().zip(src) {
-                                        *a += s;
-                                    }
-                                }
-                            }
-                        }
-                    });
+                    for ky in 0..k {
+                        // Output row y + p − ky reads this input row through kernel row ky.
+                        let Some(r) = (y + p).checked_sub(ky + y0).filter(|&r| r < rows) else { continue };
+                        let plane = &mut chunk[r * o * w..(r + 1) * o * w];
+                        add_taps(plane, prods, (ky * k) * o * span, span, x0, cols, w, k, o);
+                    }
                 }
             }
         });
         Tensor::from_vec(out, (h, o, w), &Device::Cpu)?.permute((1, 0, 2))?.unsqueeze(0)?.contiguous()
+    }
+}
+
+multiversion! {
+    /// Adds the products of kernel row `ky` (from `prods[first..]`: k·O rows of `span`) into
+    /// one output row's O planes of `w` (`plane`), columns `x0 .. x0 + cols`.
+    #[allow(clippy::too_many_arguments)]
+    fn add_taps(plane: &mut [f32], prods: &[f32], first: usize, span: usize, x0: usize, cols: usize, w: usize, k: usize, o: usize) {
+        for oc in 0..o {
+            let acc = &mut plane[oc * w + x0..][..cols];
+            for kx in 0..k {
+                let src = &prods[first + (kx * o + oc) * span + kx..][..cols];
+                for (a, s) in acc.iter_mut().zip(src) {
+                    *a += s;
+                }
+            }
+        }
     }
 }
 

@@ -149,11 +149,28 @@ impl ConvCl {
         self.wino.forward_transformed(t, act)
     }
 
+    /// Tile rows `rows` of that convolution into `out` ([`crate::winograd::output_len`]).
+    pub fn forward_transformed_rows(&self, t: &crate::winograd::Transformed, act: Activation<'_>, rows: std::ops::Range<usize>, out: &mut [f32]) {
+        self.wino.forward_transformed_rows(t, act, rows, out)
+    }
+
+    pub fn out_channels(&self) -> usize {
+        self.wino.out_channels()
+    }
+
     /// The same on padded h×w activations whose pixels are `stride` values apart (the first C
     /// are read); returns the padded output, O values a pixel.
     pub fn forward_slice(&self, x: &[f32], stride: usize, h: usize, w: usize, act: Activation<'_>) -> Vec<f32> {
         self.wino.forward_slice(x, stride, h, w, act)
     }
+}
+
+/// Runs `f` on a thread of rayon's pool. The parallel loops inside it then start from a pool
+/// thread, which shares their work by stealing; started from outside the pool each loop
+/// queues its work, wakes the pool and sleeps until it is done, and a dense block's wavefront
+/// runs thousands of short loops.
+pub fn in_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    rayon::scope(|_| f())
 }
 
 /// Reports how long each stage of a forward pass took: `lap(name)` ends a stage.

@@ -14,6 +14,8 @@
 //! interpolated at λ (deep network interpolation). Every 3×3 convolution runs by Winograd on
 //! channels-last activations ([`winograd`]); images are tiled from a memory budget (`tiled`).
 
+#[macro_use]
+mod simd;
 mod conv_few;
 pub mod layers;
 mod layers_out;
@@ -122,7 +124,7 @@ fn default_overlap(model: &str) -> usize {
 }
 
 fn model(id: &str, name: &str, description: &str) -> Value {
-    let bytes_per_pixel_kib = BYTES_PER_TILE_PIXEL >> 10;
+    let bytes_per_pixel_kib = bytes_per_tile_pixel(id) >> 10;
     let mut m = json!({
         "id": id,
         "name": name,
@@ -184,7 +186,7 @@ impl Engine for Cnn {
         let int = |name: &str, default: u64| job.params.get(name).and_then(Value::as_u64).unwrap_or(default) as usize;
         let overlap = int("overlap", default_overlap(&job.model) as u64);
         let tile = match int("tile", 0) {
-            0 => tile_for_budget(job.input.width(), job.input.height(), int("memory_mb", 1024), overlap, BYTES_PER_TILE_PIXEL),
+            0 => tile_for_budget(job.input.width(), job.input.height(), int("memory_mb", 1024), overlap, bytes_per_tile_pixel(&job.model)),
             t => t,
         };
         if self.loaded.as_ref().is_none_or(|(id, _)| *id != job.model) {
@@ -212,10 +214,17 @@ impl Engine for Cnn {
 
 export_plugin!(Cnn);
 
-/// Peak memory of one network pass per input pixel of a tile: the slope of the worker's
-/// high-water mark between 128² and 256² single-tile jobs (tests/bench/cnn.py and
-/// realesrgan_vs_ncnn.py: SRResNet 293 → 1053 MiB, RRDBNet 412 → 1191 MiB).
-const BYTES_PER_TILE_PIXEL: usize = 16 << 10;
+/// Peak memory of a tile's pass per input pixel, rounded up: the slope of a fresh worker's
+/// high-water mark over single-tile jobs of 128², 256² and 384² (session 4, u8 layers):
+/// srgan-pair (both networks) 204 → 545 → 1076 MiB, 6.6-7.1 KiB a pixel; RRDBNet, whose
+/// blocks and tail run in strips, 408 → 478 → 562 MiB, 1.0-1.5 KiB a pixel (4 KiB leaves
+/// room for f32 result layers and the tiler's strips).
+fn bytes_per_tile_pixel(model: &str) -> usize {
+    match model {
+        SRGAN_PAIR => 8 << 10,
+        _ => 4 << 10,
+    }
+}
 
 /// The largest tile side whose pass fits `memory_mb`: the whole image when it fits.
 fn tile_for_budget(width: usize, height: usize, memory_mb: usize, overlap: usize, bytes_per_pixel: usize) -> usize {

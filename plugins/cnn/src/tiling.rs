@@ -10,18 +10,23 @@ pub struct Window {
     pub end: usize,
 }
 
-/// Windows of at most `tile` covering `0..len`, neighbours overlapping by at least `overlap`.
+/// As few windows of at most `tile` as cover `0..len` with neighbours overlapping by at least
+/// `overlap`, each only as large as that needs: full-size windows spread over the length
+/// overlapped by up to a tile (1024 px in tiles of 512 took three, 1.5× the work; now three
+/// of 374, 1.1×).
 pub fn windows(len: usize, tile: usize, overlap: usize) -> Vec<Window> {
     let tile = tile.max(overlap + 1).max(1);
     if len <= tile {
         return vec![Window { start: 0, end: len }];
     }
     let n = (len - overlap).div_ceil(tile - overlap);
+    // n·size ≥ len + (n − 1)·overlap, so with the starts spread evenly (rounded down) every
+    // neighbour overlaps by at least `overlap`; n was chosen so that size ≤ tile.
+    let size = (len + (n - 1) * overlap).div_ceil(n);
     (0..n)
         .map(|i| {
-            // Spread the starts evenly so every overlap is about the same size (≥ overlap).
-            let start = ((i * (len - tile)) as f64 / (n - 1) as f64).round() as usize;
-            Window { start, end: start + tile }
+            let start = i * (len - size) / (n - 1);
+            Window { start, end: start + size }
         })
         .collect()
 }
@@ -67,6 +72,25 @@ mod tests {
         for pair in w.windows(2) {
             assert!(pair[0].end >= pair[1].start + 32, "{w:?}");
         }
+    }
+
+    #[test]
+    fn windows_are_no_larger_than_they_need_be() {
+        for len in 129..1200 {
+            for (tile, overlap) in [(128, 32), (256, 48), (512, 48), (200, 8)] {
+                let w = windows(len, tile, overlap);
+                let size = w[0].end - w[0].start;
+                assert!(w.iter().all(|x| x.end - x.start == size && size <= tile), "{len} {tile} {w:?}");
+                assert_eq!((w[0].start, w.last().unwrap().end), (0, len), "{len} {tile} {w:?}");
+                for pair in w.windows(2) {
+                    assert!(pair[0].end >= pair[1].start + overlap, "{len} {tile} {w:?}");
+                }
+                // One pixel less per window and the overlaps would not fit.
+                assert!(w.len() * (size - 1) < len + (w.len() - 1) * overlap, "{len} {tile} {w:?}");
+            }
+        }
+        let w = windows(1024, 512, 48);
+        assert_eq!((w.len(), w[0].end), (3, 374));
     }
 
     #[test]

@@ -188,65 +188,68 @@ impl Winograd {
     pub fn forward_slice(&self, p: &[f32], stride: usize, h: usize, w: usize, act: Activation<'_>) -> Vec<f32> {
         assert!(stride >= self.c && p.len() >= (h + 3) * (w + 2) * stride, "the activations do not match the convolution");
         let src = Source { p, h, pw: w + 2, stride, c: self.c };
+        let mut out = vec![0f32; output_len(h, w, self.m, self.o)];
         match self.m {
-            2 => self.run::<2>(Input::Pixels(&src), h, w, act),
-            _ => self.run::<4>(Input::Pixels(&src), h, w, act),
+            2 => self.run::<2>(Input::Pixels(&src), h, w, act, 0..h.div_ceil(2), &mut out),
+            _ => self.run::<4>(Input::Pixels(&src), h, w, act, 0..h.div_ceil(4), &mut out),
         }
+        out.truncate((h + 3) * (w + 2) * self.o);
+        out
     }
 
     /// Work is split by rows of M×M output tiles across threads; each thread takes its row in
     /// blocks of `BLOCK` tiles through all three steps (input transform, (M+2)² products,
     /// output transform) so the intermediate matrices stay in its cache and are reused, never
     /// allocated per call. One instantiation per tile size, each with only its transforms.
-    fn run<const M: usize>(&self, input: Input<'_>, h: usize, w: usize, act: Activation<'_>) -> Vec<f32> {
+    /// Computes the tile rows `rows` into `out`, a zeroed padded buffer of [`output_len`].
+    #[allow(clippy::too_many_arguments)]
+    fn run<const M: usize>(&self, input: Input<'_>, h: usize, w: usize, act: Activation<'_>, rows: std::ops::Range<usize>, out: &mut [f32]) {
         let (c, o, pw) = (self.c, self.o, w + 2);
         let nn = (M + 2) * (M + 2);
         let (ty, tx) = (h.div_ceil(M), w.div_ceil(M));
-        // Room for whole tile rows; rows past the padded image are dropped at the end.
-        let mut out = vec![0f32; (h + 3).max(M * ty + 1) * pw * o];
-        let arch = pulp::Arch::new();
+        assert!(rows.end <= ty && out.len() >= output_len(h, w, M, o), "the output does not match the convolution");
         // Tile row t_y writes padded rows M·t_y + 1 ..= M·t_y + M.
-        let body = &mut out[pw * o..(M * ty + 1) * pw * o];
-        body.par_chunks_mut(M * pw * o).enumerate().for_each(|(t_y, dst)| {
+        let body = &mut out[(M * rows.start + 1) * pw * o..(M * rows.end + 1) * pw * o];
+        body.par_chunks_mut(M * pw * o).enumerate().for_each(|(i, dst)| {
+            let t_y = rows.start + i;
             SCRATCH.with_borrow_mut(|(v, mm)| {
                 mm.resize(nn * BLOCK * o, 0.0);
                 for (b, x0) in (0..tx).step_by(BLOCK).enumerate() {
                     let nb = BLOCK.min(tx - x0);
                     // V for this block, its rows `v_row` values apart: transformed here (with
-                    // the transforms compiled for the CPU's widest vectors), or beforehand.
+                    // the transforms compiled for the CPU's widest vectors, `simd`), or beforehand.
                     let (v, v_row): (&[f32], usize) = match input {
                         Input::Pixels(src) => {
                             v.resize(nn * BLOCK * c, 0.0);
                             if M == 2 {
-                                arch.dispatch(|| input_transform2(src, t_y, x0, nb, v, c));
+                                input_transform2(src, t_y, x0, nb, v, c);
                             } else {
-                                arch.dispatch(|| input_transform4(src, t_y, x0, nb, v, c));
+                                input_transform4(src, t_y, x0, nb, v, c);
                             }
                             (v, c)
                         }
-                        Input::Transformed(t) => (&t.v[t_y * t.row_len() + b * nn * BLOCK * t.channels..], t.channels),
+                        Input::Transformed(t) => (&t.v[t.slot(t_y) * t.row_len() + b * nn * BLOCK * t.channels..], t.channels),
                     };
                     for kl in 0..nn {
                         matmul(&v[kl * BLOCK * v_row..], v_row, &self.u[kl * c * o..][..c * o], &mut mm[kl * BLOCK * o..][..nb * o], nb, c, o);
                     }
                     if M == 2 {
-                        arch.dispatch(|| self.output_transform2(mm, nb, x0, t_y, h, w, act, dst));
+                        output_transform2(self, mm, nb, x0, t_y, h, w, act, dst);
                     } else {
-                        arch.dispatch(|| self.output_transform4(mm, nb, x0, t_y, h, w, act, dst));
+                        output_transform4(self, mm, nb, x0, t_y, h, w, act, dst);
                     }
                 }
             });
         });
-        out.truncate((h + 3) * pw * o);
-        out
     }
+}
 
+multiversion! {
     /// Y = Aᵀ M A with Aᵀ = [[1, 1, 1, 0], [0, 1, −1, −1]], plus bias and activation, into the
     /// two padded output rows `dst` of tile row `t_y`, for tiles `x0 .. x0 + nb`.
     #[allow(clippy::too_many_arguments)]
-    #[inline(always)]
-    fn output_transform2(&self, m: &[f32], nb: usize, x0: usize, t_y: usize, h: usize, w: usize, act: Activation<'_>, dst: &mut [f32]) {
-        let o = self.o;
+    fn output_transform2(wino: &Winograd, m: &[f32], nb: usize, x0: usize, t_y: usize, h: usize, w: usize, act: Activation<'_>, dst: &mut [f32]) {
+        let o = wino.o;
         let pw = w + 2;
         for t in 0..nb {
             for o0 in (0..o).step_by(LANES) {
@@ -266,19 +269,20 @@ impl Winograd {
                         if xo >= w {
                             continue;
                         }
-                        emit(v, &self.bias, o0, n, act, dst, (a * pw + xo + 1) * o + o0);
+                        emit(v, &wino.bias, o0, n, act, dst, (a * pw + xo + 1) * o + o0);
                     }
                 }
             }
         }
     }
+}
 
+multiversion! {
     /// F(4,3)'s Y = Aᵀ M A, Aᵀ = [[1, 1, 1, 1, 1, 0], [0, 1, −1, 2, −2, 0], [0, 1, 1, 4, 4, 0],
     /// [0, 1, −1, 8, −8, 1]], into the four padded output rows `dst` of tile row `t_y`.
     #[allow(clippy::too_many_arguments)]
-    #[inline(always)]
-    fn output_transform4(&self, m: &[f32], nb: usize, x0: usize, t_y: usize, h: usize, w: usize, act: Activation<'_>, dst: &mut [f32]) {
-        let o = self.o;
+    fn output_transform4(wino: &Winograd, m: &[f32], nb: usize, x0: usize, t_y: usize, h: usize, w: usize, act: Activation<'_>, dst: &mut [f32]) {
+        let o = wino.o;
         let pw = w + 2;
         for t in 0..nb {
             for o0 in (0..o).step_by(LANES) {
@@ -303,14 +307,13 @@ impl Winograd {
                     for (b, v) in ys.iter().enumerate() {
                         let xo = 4 * (x0 + t) + b;
                         if xo < w {
-                            emit(v, &self.bias, o0, n, act, dst, (a * pw + xo + 1) * o + o0);
+                            emit(v, &wino.bias, o0, n, act, dst, (a * pw + xo + 1) * o + o0);
                         }
                     }
                 }
             }
         }
     }
-
 }
 
 /// F(4,3)'s transformed input, V = Bᵀ d B, of every tile of a padded h×w image, for up to
@@ -324,12 +327,27 @@ pub struct Transformed {
     h: usize,
     w: usize,
     channels: usize,
+    /// Tile rows held: tile row t_y lives in slot t_y mod `slots` (a ring when fewer than the
+    /// image's tile rows, for a dense block run band by band).
+    slots: usize,
 }
 
 impl Transformed {
+    /// Every tile row of a padded h×w image.
     pub fn new(h: usize, w: usize, channels: usize) -> Transformed {
-        let (ty, tx) = (h.div_ceil(4), w.div_ceil(4));
-        Transformed { v: vec![0f32; ty * tx.div_ceil(BLOCK) * 36 * BLOCK * channels], h, w, channels }
+        Transformed::ring(h, w, channels, h.div_ceil(4))
+    }
+
+    /// Room for `slots` tile rows at a time.
+    pub fn ring(h: usize, w: usize, channels: usize, slots: usize) -> Transformed {
+        let slots = slots.clamp(1, h.div_ceil(4).max(1));
+        let mut t = Transformed { v: Vec::new(), h, w, channels, slots };
+        t.v = vec![0f32; slots * t.row_len()];
+        t
+    }
+
+    fn slot(&self, t_y: usize) -> usize {
+        t_y % self.slots
     }
 
     fn row_len(&self) -> usize {
@@ -339,15 +357,23 @@ impl Transformed {
     /// Transforms the first `c` channels of the padded activations `p` (pixels `stride` values
     /// apart) into channels `c0 .. c0 + c`.
     pub fn add(&mut self, p: &[f32], stride: usize, c: usize, c0: usize) {
+        self.add_rows(p, stride, c, c0, 0..self.h.div_ceil(4));
+    }
+
+    /// [`add`](Self::add) for the tile rows `rows` only, which must lie in consecutive slots.
+    pub fn add_rows(&mut self, p: &[f32], stride: usize, c: usize, c0: usize, rows: std::ops::Range<usize>) {
         assert!(c0 + c <= self.channels && stride >= c && p.len() >= (self.h + 3) * (self.w + 2) * stride);
+        assert!(rows.end <= self.h.div_ceil(4) && self.slot(rows.start) + rows.len() <= self.slots, "tile rows {rows:?} wrap the ring");
         let src = Source { p, h: self.h, pw: self.w + 2, stride, c };
         let (tx, row, block) = (self.w.div_ceil(4), self.channels, 36 * BLOCK * self.channels);
-        let arch = pulp::Arch::new();
         let row_len = self.row_len();
-        self.v.par_chunks_mut(row_len).enumerate().for_each(|(t_y, blocks)| {
+        let first = self.slot(rows.start);
+        let slots = &mut self.v[first * row_len..(first + rows.len()) * row_len];
+        slots.par_chunks_mut(row_len).enumerate().for_each(|(i, blocks)| {
+            let t_y = rows.start + i;
             for (b, x0) in (0..tx).step_by(BLOCK).enumerate() {
                 let nb = BLOCK.min(tx - x0);
-                arch.dispatch(|| input_transform4(&src, t_y, x0, nb, &mut blocks[b * block + c0..], row));
+                input_transform4(&src, t_y, x0, nb, &mut blocks[b * block + c0..], row);
             }
         });
     }
@@ -356,9 +382,29 @@ impl Transformed {
 impl Winograd {
     /// The convolution of the first C channels of `t` (F(4,3) only); output as `forward_slice`.
     pub fn forward_transformed(&self, t: &Transformed, act: Activation<'_>) -> Vec<f32> {
-        assert!(self.m == 4 && self.c <= t.channels, "the transformed input does not match the convolution");
-        self.run::<4>(Input::Transformed(t), t.h, t.w, act)
+        let mut out = vec![0f32; output_len(t.h, t.w, 4, self.o)];
+        self.forward_transformed_rows(t, act, 0..t.h.div_ceil(4), &mut out);
+        out.truncate((t.h + 3) * (t.w + 2) * self.o);
+        out
     }
+
+    /// The tile rows `rows` of that convolution (each held by `t`) into `out`, a zeroed
+    /// buffer of [`output_len`] that the other tile rows leave alone.
+    pub fn forward_transformed_rows(&self, t: &Transformed, act: Activation<'_>, rows: std::ops::Range<usize>, out: &mut [f32]) {
+        assert!(self.m == 4 && self.c <= t.channels, "the transformed input does not match the convolution");
+        assert!(rows.len() <= t.slots, "tile rows {rows:?} are not all held");
+        self.run::<4>(Input::Transformed(t), t.h, t.w, act, rows, out);
+    }
+
+    pub fn out_channels(&self) -> usize {
+        self.o
+    }
+}
+
+/// Values of a padded h×w output of O channels with room for whole tile rows of side m (rows
+/// past the padded image stay zero).
+pub fn output_len(h: usize, w: usize, m: usize, o: usize) -> usize {
+    (h + 3).max(m * h.div_ceil(m) + 1) * (w + 2) * o
 }
 
 /// Where a convolution's transformed input V comes from.
@@ -400,30 +446,31 @@ impl Source<'_> {
     }
 }
 
-/// F(2,3)'s V = Bᵀ d B for tiles `x0 .. x0 + nb` of tile row `t_y`, with
-/// Bᵀ = [[1, 0, −1, 0], [0, 1, 1, 0], [0, −1, 1, 0], [0, 1, 0, −1]]; V holds 16 matrices of
-/// BLOCK × C.
-#[inline(always)]
-fn input_transform2(src: &Source<'_>, t_y: usize, x0: usize, nb: usize, v: &mut [f32], v_row: usize) {
-    let c = src.c;
-    for t in 0..nb {
-        let t_x = x0 + t;
-        let px: [[&[f32]; 4]; 4] = std::array::from_fn(|i| std::array::from_fn(|j| src.at(2 * t_y + i, 2 * t_x + j)));
-        for c0 in (0..c).step_by(LANES) {
-            let n = LANES.min(c - c0);
-            let d: [[Lanes; 4]; 4] = std::array::from_fn(|i| std::array::from_fn(|j| load(px[i][j], c0, n)));
-            // Rows first (Bᵀ d), then columns (· B).
-            let rows: [[Lanes; 4]; 4] = [
-                std::array::from_fn(|j| sub(&d[0][j], &d[2][j])),
-                std::array::from_fn(|j| add(&d[1][j], &d[2][j])),
-                std::array::from_fn(|j| sub(&d[2][j], &d[1][j])),
-                std::array::from_fn(|j| sub(&d[1][j], &d[3][j])),
-            ];
-            for (k, r) in rows.iter().enumerate() {
-                let q = [sub(&r[0], &r[2]), add(&r[1], &r[2]), sub(&r[2], &r[1]), sub(&r[1], &r[3])];
-                for (l, val) in q.iter().enumerate() {
-                    let at = ((k * 4 + l) * BLOCK + t) * v_row + c0;
-                    store(v, at, val, n);
+multiversion! {
+    /// F(2,3)'s V = Bᵀ d B for tiles `x0 .. x0 + nb` of tile row `t_y`, with
+    /// Bᵀ = [[1, 0, −1, 0], [0, 1, 1, 0], [0, −1, 1, 0], [0, 1, 0, −1]]; V holds 16 matrices of
+    /// BLOCK × C.
+    fn input_transform2(src: &Source<'_>, t_y: usize, x0: usize, nb: usize, v: &mut [f32], v_row: usize) {
+        let c = src.c;
+        for t in 0..nb {
+            let t_x = x0 + t;
+            let px: [[&[f32]; 4]; 4] = std::array::from_fn(|i| std::array::from_fn(|j| src.at(2 * t_y + i, 2 * t_x + j)));
+            for c0 in (0..c).step_by(LANES) {
+                let n = LANES.min(c - c0);
+                let d: [[Lanes; 4]; 4] = std::array::from_fn(|i| std::array::from_fn(|j| load(px[i][j], c0, n)));
+                // Rows first (Bᵀ d), then columns (· B).
+                let rows: [[Lanes; 4]; 4] = [
+                    std::array::from_fn(|j| sub(&d[0][j], &d[2][j])),
+                    std::array::from_fn(|j| add(&d[1][j], &d[2][j])),
+                    std::array::from_fn(|j| sub(&d[2][j], &d[1][j])),
+                    std::array::from_fn(|j| sub(&d[1][j], &d[3][j])),
+                ];
+                for (k, r) in rows.iter().enumerate() {
+                    let q = [sub(&r[0], &r[2]), add(&r[1], &r[2]), sub(&r[2], &r[1]), sub(&r[1], &r[3])];
+                    for (l, val) in q.iter().enumerate() {
+                        let at = ((k * 4 + l) * BLOCK + t) * v_row + c0;
+                        store(v, at, val, n);
+                    }
                 }
             }
         }
@@ -461,33 +508,34 @@ fn bt4(d: &[Lanes; 6]) -> [Lanes; 6] {
     ]
 }
 
-/// F(4,3)'s V = Bᵀ d B for tiles `x0 .. x0 + nb` of tile row `t_y`: 36 matrices of BLOCK × C,
-/// their rows `v_row` values apart.
-#[inline(always)]
-fn input_transform4(src: &Source<'_>, t_y: usize, x0: usize, nb: usize, v: &mut [f32], v_row: usize) {
-    let c = src.c;
-    for t in 0..nb {
-        let t_x = x0 + t;
-        let px: [[&[f32]; 6]; 6] = std::array::from_fn(|i| std::array::from_fn(|j| src.at(4 * t_y + i, 4 * t_x + j)));
-        for c0 in (0..c).step_by(LANES) {
-            let n = LANES.min(c - c0);
-            // Columns of d through Bᵀ (rows of Bᵀd), then each row through Bᵀ again (· B).
-            // Plain arrays and loops: nested `array::from_fn`s of lane vectors compiled to
-            // memmoves of the whole intermediate.
-            let mut bd = [[[0f32; LANES]; 6]; 6];
-            for j in 0..6 {
-                let mut col = [[0f32; LANES]; 6];
-                for i in 0..6 {
-                    col[i] = load(px[i][j], c0, n);
+multiversion! {
+    /// F(4,3)'s V = Bᵀ d B for tiles `x0 .. x0 + nb` of tile row `t_y`: 36 matrices of BLOCK × C,
+    /// their rows `v_row` values apart.
+    fn input_transform4(src: &Source<'_>, t_y: usize, x0: usize, nb: usize, v: &mut [f32], v_row: usize) {
+        let c = src.c;
+        for t in 0..nb {
+            let t_x = x0 + t;
+            let px: [[&[f32]; 6]; 6] = std::array::from_fn(|i| std::array::from_fn(|j| src.at(4 * t_y + i, 4 * t_x + j)));
+            for c0 in (0..c).step_by(LANES) {
+                let n = LANES.min(c - c0);
+                // Columns of d through Bᵀ (rows of Bᵀd), then each row through Bᵀ again (· B).
+                // Plain arrays and loops: nested `array::from_fn`s of lane vectors compiled to
+                // memmoves of the whole intermediate.
+                let mut bd = [[[0f32; LANES]; 6]; 6];
+                for j in 0..6 {
+                    let mut col = [[0f32; LANES]; 6];
+                    for i in 0..6 {
+                        col[i] = load(px[i][j], c0, n);
+                    }
+                    let col = bt4(&col);
+                    for k in 0..6 {
+                        bd[k][j] = col[k];
+                    }
                 }
-                let col = bt4(&col);
-                for k in 0..6 {
-                    bd[k][j] = col[k];
-                }
-            }
-            for (k, row) in bd.iter().enumerate() {
-                for (l, val) in bt4(row).iter().enumerate() {
-                    store(v, ((k * 6 + l) * BLOCK + t) * v_row + c0, val, n);
+                for (k, row) in bd.iter().enumerate() {
+                    for (l, val) in bt4(row).iter().enumerate() {
+                        store(v, ((k * 6 + l) * BLOCK + t) * v_row + c0, val, n);
+                    }
                 }
             }
         }
