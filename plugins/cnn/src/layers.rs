@@ -154,6 +154,11 @@ impl ConvCl {
         self.wino.forward_transformed_rows(t, act, rows, out)
     }
 
+    /// Adds `new`'s channels to `t` and convolves tile rows `rows` ([`Winograd::forward_adding_rows`]).
+    pub fn forward_adding_rows(&self, t: &mut crate::winograd::Transformed, new: (&[f32], usize, usize, usize), act: Activation<'_>, rows: std::ops::Range<usize>, out: &mut [f32]) {
+        self.wino.forward_adding_rows(t, new, act, rows, out)
+    }
+
     pub fn out_channels(&self) -> usize {
         self.wino.out_channels()
     }

@@ -44,14 +44,14 @@ impl Rdb {
                 for g in 0..STAGES {
                     let Some(b) = step.checked_sub(g).filter(|&b| b < bands) else { continue };
                     let rows = b * band..((b + 1) * band).min(ty);
-                    if g == 0 {
-                        cat.add_rows(input, feat, feat, 0, rows.clone());
-                    } else {
-                        cat.add_rows(&outs[g - 1], grow, grow, feat + (g - 1) * grow, rows.clone());
-                    }
-                    match outs.get_mut(g) {
-                        Some(out) => self.convs[g].forward_transformed_rows(cat, LEAKY, rows, out),
-                        None => self.convs[g].forward_transformed_rows(cat, Activation::None, rows, y),
+                    let (done, rest) = outs.split_at_mut(g);
+                    let new = match done.last() {
+                        None => (input, feat, feat, 0),
+                        Some(prev) => (prev.as_slice(), grow, grow, feat + (g - 1) * grow),
+                    };
+                    match rest.first_mut() {
+                        Some(out) => self.convs[g].forward_adding_rows(cat, new, LEAKY, rows, out),
+                        None => self.convs[g].forward_adding_rows(cat, new, Activation::None, rows, y),
                     }
                 }
             }

@@ -204,42 +204,54 @@ impl Winograd {
     /// Computes the tile rows `rows` into `out`, a zeroed padded buffer of [`output_len`].
     #[allow(clippy::too_many_arguments)]
     fn run<const M: usize>(&self, input: Input<'_>, h: usize, w: usize, act: Activation<'_>, rows: std::ops::Range<usize>, out: &mut [f32]) {
-        let (c, o, pw) = (self.c, self.o, w + 2);
-        let nn = (M + 2) * (M + 2);
-        let (ty, tx) = (h.div_ceil(M), w.div_ceil(M));
+        let (o, pw) = (self.o, w + 2);
+        let ty = h.div_ceil(M);
         assert!(rows.end <= ty && out.len() >= output_len(h, w, M, o), "the output does not match the convolution");
         // Tile row t_y writes padded rows M·t_y + 1 ..= M·t_y + M.
         let body = &mut out[(M * rows.start + 1) * pw * o..(M * rows.end + 1) * pw * o];
         body.par_chunks_mut(M * pw * o).enumerate().for_each(|(i, dst)| {
             let t_y = rows.start + i;
-            SCRATCH.with_borrow_mut(|(v, mm)| {
-                mm.resize(nn * BLOCK * o, 0.0);
-                for (b, x0) in (0..tx).step_by(BLOCK).enumerate() {
-                    let nb = BLOCK.min(tx - x0);
-                    // V for this block, its rows `v_row` values apart: transformed here (with
-                    // the transforms compiled for the CPU's widest vectors, `simd`), or beforehand.
-                    let (v, v_row): (&[f32], usize) = match input {
-                        Input::Pixels(src) => {
-                            v.resize(nn * BLOCK * c, 0.0);
-                            if M == 2 {
-                                input_transform2(src, t_y, x0, nb, v, c);
-                            } else {
-                                input_transform4(src, t_y, x0, nb, v, c);
-                            }
-                            (v, c)
+            let input = match input {
+                Input::Pixels(src) => RowInput::Pixels(src),
+                Input::Transformed(t) => RowInput::Slot(&t.v[t.slot(t_y) * t.row_len()..][..t.row_len()], t.channels),
+            };
+            self.tile_row::<M>(input, t_y, h, w, act, dst);
+        });
+    }
+
+    /// One row of M×M output tiles into its padded output rows `dst`, in blocks of BLOCK tiles.
+    #[allow(clippy::too_many_arguments)]
+    fn tile_row<const M: usize>(&self, input: RowInput<'_>, t_y: usize, h: usize, w: usize, act: Activation<'_>, dst: &mut [f32]) {
+        let (c, o) = (self.c, self.o);
+        let nn = (M + 2) * (M + 2);
+        let tx = w.div_ceil(M);
+        SCRATCH.with_borrow_mut(|(v, mm)| {
+            mm.resize(nn * BLOCK * o, 0.0);
+            for (b, x0) in (0..tx).step_by(BLOCK).enumerate() {
+                let nb = BLOCK.min(tx - x0);
+                // V for this block, its rows `v_row` values apart: transformed here (with the
+                // transforms compiled for the CPU's widest vectors, `simd`), or beforehand.
+                let (v, v_row): (&[f32], usize) = match input {
+                    RowInput::Pixels(src) => {
+                        v.resize(nn * BLOCK * c, 0.0);
+                        if M == 2 {
+                            input_transform2(src, t_y, x0, nb, v, c);
+                        } else {
+                            input_transform4(src, t_y, x0, nb, v, c);
                         }
-                        Input::Transformed(t) => (&t.v[t.slot(t_y) * t.row_len() + b * nn * BLOCK * t.channels..], t.channels),
-                    };
-                    for kl in 0..nn {
-                        matmul(&v[kl * BLOCK * v_row..], v_row, &self.u[kl * c * o..][..c * o], &mut mm[kl * BLOCK * o..][..nb * o], nb, c, o);
+                        (v, c)
                     }
-                    if M == 2 {
-                        output_transform2(self, mm, nb, x0, t_y, h, w, act, dst);
-                    } else {
-                        output_transform4(self, mm, nb, x0, t_y, h, w, act, dst);
-                    }
+                    RowInput::Slot(row, channels) => (&row[b * nn * BLOCK * channels..], channels),
+                };
+                for kl in 0..nn {
+                    matmul(&v[kl * BLOCK * v_row..], v_row, &self.u[kl * c * o..][..c * o], &mut mm[kl * BLOCK * o..][..nb * o], nb, c, o);
                 }
-            });
+                if M == 2 {
+                    output_transform2(self, mm, nb, x0, t_y, h, w, act, dst);
+                } else {
+                    output_transform4(self, mm, nb, x0, t_y, h, w, act, dst);
+                }
+            }
         });
     }
 }
@@ -396,6 +408,31 @@ impl Winograd {
         self.run::<4>(Input::Transformed(t), t.h, t.w, act, rows, out);
     }
 
+    /// [`Transformed::add_rows`] of `new` = (activations, stride, c, c0), then
+    /// [`forward_transformed_rows`](Self::forward_transformed_rows), tile row by tile row in
+    /// one parallel loop: half the loops of a dense block's wavefront, and each row's new
+    /// channels are still in the cache when its products read them.
+    pub fn forward_adding_rows(&self, t: &mut Transformed, new: (&[f32], usize, usize, usize), act: Activation<'_>, rows: std::ops::Range<usize>, out: &mut [f32]) {
+        let (p, stride, c, c0) = new;
+        assert!(self.m == 4 && self.c <= t.channels, "the transformed input does not match the convolution");
+        assert!(c0 + c <= t.channels && stride >= c && p.len() >= (t.h + 3) * (t.w + 2) * stride);
+        assert!(rows.end <= t.h.div_ceil(4) && t.slot(rows.start) + rows.len() <= t.slots, "tile rows {rows:?} wrap the ring");
+        let (h, w, o, pw) = (t.h, t.w, self.o, t.w + 2);
+        assert!(out.len() >= output_len(h, w, 4, o), "the output does not match the convolution");
+        let src = Source { p, h, pw, stride, c };
+        let (tx, channels, block, row_len) = (w.div_ceil(4), t.channels, 36 * BLOCK * t.channels, t.row_len());
+        let first = t.slot(rows.start);
+        let slots = &mut t.v[first * row_len..(first + rows.len()) * row_len];
+        let body = &mut out[(4 * rows.start + 1) * pw * o..(4 * rows.end + 1) * pw * o];
+        body.par_chunks_mut(4 * pw * o).zip(slots.par_chunks_mut(row_len)).enumerate().for_each(|(i, (dst, slot))| {
+            let t_y = rows.start + i;
+            for (b, x0) in (0..tx).step_by(BLOCK).enumerate() {
+                input_transform4(&src, t_y, x0, BLOCK.min(tx - x0), &mut slot[b * block + c0..], channels);
+            }
+            self.tile_row::<4>(RowInput::Slot(slot, channels), t_y, h, w, act, dst);
+        });
+    }
+
     pub fn out_channels(&self) -> usize {
         self.o
     }
@@ -414,6 +451,14 @@ enum Input<'a> {
     Pixels(&'a Source<'a>),
     /// Transformed beforehand, all channels of all tiles ([`Transformed`]).
     Transformed(&'a Transformed),
+}
+
+/// A tile row's V source: padded activations, or its slot of a [`Transformed`] (with its
+/// channel count).
+#[derive(Clone, Copy)]
+enum RowInput<'a> {
+    Pixels(&'a Source<'a>),
+    Slot(&'a [f32], usize),
 }
 
 /// Tiles per block: the block's transformed inputs and products stay in a core's L2 (with 32, V
