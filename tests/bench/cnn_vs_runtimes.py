@@ -20,8 +20,8 @@ size's). ncnn (what Upscayl and chaiNNer run; Real-ESRGAN only) runs the pinned 
 Images larger than --tile² run the way the tools built on these runtimes run them (Upscayl,
 chaiNNer, realesrgan-ncnn-vulkan): in tiles of --tile² input pixels, each read with --tile-pad
 pixels of context on every side and cropped, one after another; untiled they would need several
-GiB (ncnn took 4.4 GiB at 256² already). Tessera then runs its own tiling from its default
-memory budget, as users get it, rather than one tile.
+GiB (ncnn took 4.4 GiB at 256² already). Tessera then runs its own tiling from its memory
+budget (--memory-mb, default the engine's 1024 MiB), as users get it, rather than one tile.
 """
 
 import argparse
@@ -340,6 +340,7 @@ def main():
     ap.add_argument("--runtimes", default=",".join(RUNTIMES), help="a comma-separated subset of: " + ", ".join(RUNTIMES))
     ap.add_argument("--tile", type=int, default=256, help="the other runtimes' tile side for larger images")
     ap.add_argument("--tile-pad", type=int, default=16, help="context around each of their tiles, in input pixels")
+    ap.add_argument("--memory-mb", type=int, help="Tessera's tile budget for images over --tile² (default: the engine's)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     threads = os.cpu_count()
@@ -367,7 +368,8 @@ def main():
             img = rng.random((1, 3, h, w), dtype=np.float32)
             buf = c.alloc(w, h, 3, sample="f32")
             # One tile where the others run whole; Tessera's own tiling where they run tiles.
-            params = {"tile": 4096} if w * h <= args.tile * args.tile else {}
+            params = {"tile": 4096} if w * h <= args.tile * args.tile else \
+                ({"memory_mb": args.memory_mb} if args.memory_mb else {})
             np.frombuffer(buf.view, np.float32)[:] = img[0].transpose(1, 2, 0).ravel()
             best_t = float("inf")
             for _ in range(args.repeat):
