@@ -8,6 +8,12 @@
 //! compiled inside the feature-enabled copy: called through a closure (pulp's `dispatch`, as
 //! before), the body stayed a separate function built for SSE2.
 
+use std::sync::atomic::AtomicU8;
+
+/// The widest copy the multiversioned functions may pick: 2 AVX-512, 1 AVX2 + FMA, 0 the
+/// baseline. Tests lower it to run every copy on a machine that has them all.
+pub(crate) static MAX_LEVEL: AtomicU8 = AtomicU8::new(2);
+
 /// `multiversion! { fn name(arg: Type, …) { body } }`: see the module documentation.
 macro_rules! multiversion {
     ($(#[$attr:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $body:block) => {
@@ -28,13 +34,14 @@ macro_rules! multiversion {
                 unsafe fn v3($($arg: $ty),*) {
                     generic($($arg),*)
                 }
-                if std::arch::is_x86_feature_detected!("avx512f") && std::arch::is_x86_feature_detected!("avx512vl")
+                let max = $crate::simd::MAX_LEVEL.load(std::sync::atomic::Ordering::Relaxed);
+                if max >= 2 && std::arch::is_x86_feature_detected!("avx512f") && std::arch::is_x86_feature_detected!("avx512vl")
                     && std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
                 {
                     // SAFETY: this CPU has every feature v4 is compiled for (checked above).
                     return unsafe { v4($($arg),*) };
                 }
-                if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+                if max >= 1 && std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
                     // SAFETY: this CPU has every feature v3 is compiled for (checked above).
                     return unsafe { v3($($arg),*) };
                 }

@@ -632,6 +632,35 @@ mod tests {
     use crate::layers::Padded;
 
     #[test]
+    fn every_instruction_set_computes_the_same() -> Result<()> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let dev = Device::Cpu;
+        let x = Padded::from_nchw(&Tensor::randn(0f32, 1f32, (1, 20, 13, 37), &dev)?)?;
+        let (wt, b) = (Tensor::randn(0f32, 1f32, (18, 20, 3, 3), &dev)?, Tensor::randn(0f32, 1f32, (18,), &dev)?);
+        let (f2, f4) = (Winograd::f2(&wt, &b)?, Winograd::f4(&wt, &b)?);
+        let run = || -> Result<Vec<Vec<f32>>> {
+            let mut t = Transformed::new(13, 37, 20);
+            with_slice(&x.t, |p| t.add(p, 20, 20, 0))?;
+            Ok(vec![
+                f2.forward(&x.t, 13, 37, Activation::LeakyRelu(0.2))?.flatten_all()?.to_vec1()?,
+                f4.forward(&x.t, 13, 37, Activation::None)?.flatten_all()?.to_vec1()?,
+                f4.forward_transformed(&t, Activation::LeakyRelu(0.2)),
+            ])
+        };
+        let widest = run()?;
+        for level in [1, 0] {
+            crate::simd::MAX_LEVEL.store(level, Relaxed);
+            let got = run();
+            crate::simd::MAX_LEVEL.store(2, Relaxed);
+            for (a, b) in got?.iter().zip(&widest) {
+                let diff = a.iter().zip(b).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+                assert!(diff <= 1e-5, "level {level}: {diff}");
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
     fn equals_the_direct_convolution() -> Result<()> {
         let dev = Device::Cpu;
         for (h, w) in [(8, 8), (7, 5), (1, 1), (6, 9)] {
