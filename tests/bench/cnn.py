@@ -32,7 +32,7 @@ def main():
     ap.add_argument("--sizes", default="128x128,256x256,1024x768")
     ap.add_argument("--tile", type=int, default=0, help="tile side (0: the engine sizes tiles from its memory budget)")
     ap.add_argument("--repeat", type=int, default=2)
-    ap.add_argument("--memory-mb", type=int, default=1024, help="the engine's per-tile memory budget")
+    ap.add_argument("--memory-mb", type=int, help="the engine's per-tile memory budget (default: the model's)")
     args = ap.parse_args()
     rng = np.random.default_rng(0)
     nets = 2 if args.model == "srgan-pair" else 1
@@ -50,7 +50,7 @@ def main():
             np.frombuffer(buf.view, np.float32)[:] = pixels.ravel()
             best = None
             for _ in range(args.repeat):
-                job = c.submit(args.model, 4, buf, params={"tile": tile, "memory_mb": args.memory_mb}, output_sample="f32")
+                job = c.submit(args.model, 4, buf, params=dict({"tile": tile}, **({"memory_mb": args.memory_mb} if args.memory_mb else {})), output_sample="f32")
                 t0 = time.perf_counter()
                 layers = job.wait(timeout=3600)
                 wall = time.perf_counter() - t0
