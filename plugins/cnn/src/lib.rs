@@ -43,7 +43,7 @@ pub const REALESRGAN_X4PLUS_ANIME: &str = "realesrgan-x4plus-anime";
 const SCALE: usize = 4;
 
 /// A network the tiler can run: (1, 3, h, w) RGB in [0, 1] → (1, 3, 4h, 4w).
-pub trait Network {
+pub trait Network: Sync {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor>;
 }
 

@@ -110,7 +110,8 @@ impl Tiled {
                     job.calls.check_cancel()?;
                     job.calls.progress(done, total, stage);
                     let fail = |e: candle_core::Error| EngineError::Failed(format!("{stage}: {e}"));
-                    let y = net.forward(&x).map_err(fail)?.flatten_all().map_err(fail)?.to_vec1::<f32>().map_err(fail)?;
+                    // On a pool thread: the network's parallel loops then share work by stealing.
+                    let y = crate::layers::in_pool(|| net.forward(&x)).map_err(fail)?.flatten_all().map_err(fail)?.to_vec1::<f32>().map_err(fail)?;
                     let acc = &mut strip.nets[n];
                     let plane = strip.rows * ow;
                     for ty in 0..toh {
