@@ -149,11 +149,6 @@ impl ConvCl {
         self.wino.forward_transformed(t, act)
     }
 
-    /// Tile rows `rows` of that convolution into `out` ([`crate::winograd::output_len`]).
-    pub fn forward_transformed_rows(&self, t: &crate::winograd::Transformed, act: Activation<'_>, rows: std::ops::Range<usize>, out: &mut [f32]) {
-        self.wino.forward_transformed_rows(t, act, rows, out)
-    }
-
     /// Adds `new`'s channels to `t` and convolves tile rows `rows` ([`Winograd::forward_adding_rows`]).
     pub fn forward_adding_rows(&self, t: &mut crate::winograd::Transformed, new: (&[f32], usize, usize, usize), act: Activation<'_>, rows: std::ops::Range<usize>, out: &mut [f32]) {
         self.wino.forward_adding_rows(t, new, act, rows, out)

@@ -28,7 +28,7 @@ impl Rdb {
     /// tile row below it, which the band ahead has made. So no rows are computed twice (strips
     /// with 5 rows of context each side did 23 % more work at 256² and 34 % at 384²), and the
     /// transformed concatenation lives in a ring of five bands, which stays in the cache.
-    /// `band`: tile rows (of 4 pixel rows) a step.
+    /// `scratch` holds the buffers and the band (tile rows of 4 pixel rows a step).
     fn forward(&self, x: &Padded, scratch: &mut RdbScratch) -> Result<Padded> {
         let (h, w, pw) = (x.h, x.w, x.w + 2);
         let feat = x.t.dim(1)?;

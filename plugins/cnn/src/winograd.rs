@@ -367,68 +367,64 @@ impl Transformed {
     }
 
     /// Transforms the first `c` channels of the padded activations `p` (pixels `stride` values
-    /// apart) into channels `c0 .. c0 + c`.
+    /// apart) into channels `c0 .. c0 + c`, for every tile row (all must be held).
     pub fn add(&mut self, p: &[f32], stride: usize, c: usize, c0: usize) {
-        self.add_rows(p, stride, c, c0, 0..self.h.div_ceil(4));
+        let src = self.source(p, stride, c, c0);
+        let (w, channels) = (self.w, self.channels);
+        let (row_len, slots) = self.slots_mut(0..self.h.div_ceil(4));
+        slots.par_chunks_mut(row_len).enumerate().for_each(|(t_y, slot)| transform_row(&src, t_y, w, slot, c0, channels));
     }
 
-    /// [`add`](Self::add) for the tile rows `rows` only, which must lie in consecutive slots.
-    pub fn add_rows(&mut self, p: &[f32], stride: usize, c: usize, c0: usize, rows: std::ops::Range<usize>) {
-        assert!(c0 + c <= self.channels && stride >= c && p.len() >= (self.h + 3) * (self.w + 2) * stride);
+    /// `p`'s first `c` channels as the input transforms read them, for channels `c0 .. c0 + c`.
+    fn source<'a>(&self, p: &'a [f32], stride: usize, c: usize, c0: usize) -> Source<'a> {
+        assert!(c0 + c <= self.channels && stride >= c && p.len() >= (self.h + 3) * (self.w + 2) * stride, "the activations do not match the transformed input");
+        Source { p, h: self.h, pw: self.w + 2, stride, c }
+    }
+
+    /// The slots of tile rows `rows`, which must lie in consecutive slots, and a slot's length.
+    fn slots_mut(&mut self, rows: std::ops::Range<usize>) -> (usize, &mut [f32]) {
         assert!(rows.end <= self.h.div_ceil(4) && self.slot(rows.start) + rows.len() <= self.slots, "tile rows {rows:?} wrap the ring");
-        let src = Source { p, h: self.h, pw: self.w + 2, stride, c };
-        let (tx, row, block) = (self.w.div_ceil(4), self.channels, 36 * BLOCK * self.channels);
-        let row_len = self.row_len();
-        let first = self.slot(rows.start);
-        let slots = &mut self.v[first * row_len..(first + rows.len()) * row_len];
-        slots.par_chunks_mut(row_len).enumerate().for_each(|(i, blocks)| {
-            let t_y = rows.start + i;
-            for (b, x0) in (0..tx).step_by(BLOCK).enumerate() {
-                let nb = BLOCK.min(tx - x0);
-                input_transform4(&src, t_y, x0, nb, &mut blocks[b * block + c0..], row);
-            }
-        });
+        let (row_len, first) = (self.row_len(), self.slot(rows.start));
+        (row_len, &mut self.v[first * row_len..(first + rows.len()) * row_len])
+    }
+}
+
+/// Tile row `t_y` of `src` (an image `w` wide), transformed into channels `c0..` of its slot.
+fn transform_row(src: &Source<'_>, t_y: usize, w: usize, slot: &mut [f32], c0: usize, channels: usize) {
+    let tx = w.div_ceil(4);
+    for (b, x0) in (0..tx).step_by(BLOCK).enumerate() {
+        input_transform4(src, t_y, x0, BLOCK.min(tx - x0), &mut slot[b * 36 * BLOCK * channels + c0..], channels);
     }
 }
 
 impl Winograd {
-    /// The convolution of the first C channels of `t` (F(4,3) only); output as `forward_slice`.
+    /// The convolution of the first C channels of `t`, which holds every tile row (F(4,3)
+    /// only); output as `forward_slice`.
     pub fn forward_transformed(&self, t: &Transformed, act: Activation<'_>) -> Vec<f32> {
+        let ty = t.h.div_ceil(4);
+        assert!(self.m == 4 && self.c <= t.channels && t.slots >= ty, "the transformed input does not match the convolution");
         let mut out = vec![0f32; output_len(t.h, t.w, 4, self.o)];
-        self.forward_transformed_rows(t, act, 0..t.h.div_ceil(4), &mut out);
+        self.run::<4>(Input::Transformed(t), t.h, t.w, act, 0..ty, &mut out);
         out.truncate((t.h + 3) * (t.w + 2) * self.o);
         out
     }
 
-    /// The tile rows `rows` of that convolution (each held by `t`) into `out`, a zeroed
-    /// buffer of [`output_len`] that the other tile rows leave alone.
-    pub fn forward_transformed_rows(&self, t: &Transformed, act: Activation<'_>, rows: std::ops::Range<usize>, out: &mut [f32]) {
-        assert!(self.m == 4 && self.c <= t.channels, "the transformed input does not match the convolution");
-        assert!(rows.len() <= t.slots, "tile rows {rows:?} are not all held");
-        self.run::<4>(Input::Transformed(t), t.h, t.w, act, rows, out);
-    }
-
-    /// [`Transformed::add_rows`] of `new` = (activations, stride, c, c0), then
-    /// [`forward_transformed_rows`](Self::forward_transformed_rows), tile row by tile row in
-    /// one parallel loop: half the loops of a dense block's wavefront, and each row's new
-    /// channels are still in the cache when its products read them.
+    /// [`Transformed::add`] of `new` = (activations, stride, c, c0), then the convolution, for
+    /// tile rows `rows` (consecutive slots of `t`) into `out`, a zeroed buffer of
+    /// [`output_len`] that the other tile rows leave alone. Row by row in one parallel loop (a
+    /// row's products read only its own slot): a dense block's wavefront makes half the loops,
+    /// and each row's new channels are still in the cache when its products read them.
     pub fn forward_adding_rows(&self, t: &mut Transformed, new: (&[f32], usize, usize, usize), act: Activation<'_>, rows: std::ops::Range<usize>, out: &mut [f32]) {
         let (p, stride, c, c0) = new;
         assert!(self.m == 4 && self.c <= t.channels, "the transformed input does not match the convolution");
-        assert!(c0 + c <= t.channels && stride >= c && p.len() >= (t.h + 3) * (t.w + 2) * stride);
-        assert!(rows.end <= t.h.div_ceil(4) && t.slot(rows.start) + rows.len() <= t.slots, "tile rows {rows:?} wrap the ring");
-        let (h, w, o, pw) = (t.h, t.w, self.o, t.w + 2);
+        let (h, w, o, pw, channels) = (t.h, t.w, self.o, t.w + 2, t.channels);
         assert!(out.len() >= output_len(h, w, 4, o), "the output does not match the convolution");
-        let src = Source { p, h, pw, stride, c };
-        let (tx, channels, block, row_len) = (w.div_ceil(4), t.channels, 36 * BLOCK * t.channels, t.row_len());
-        let first = t.slot(rows.start);
-        let slots = &mut t.v[first * row_len..(first + rows.len()) * row_len];
+        let src = t.source(p, stride, c, c0);
+        let (row_len, slots) = t.slots_mut(rows.clone());
         let body = &mut out[(4 * rows.start + 1) * pw * o..(4 * rows.end + 1) * pw * o];
         body.par_chunks_mut(4 * pw * o).zip(slots.par_chunks_mut(row_len)).enumerate().for_each(|(i, (dst, slot))| {
             let t_y = rows.start + i;
-            for (b, x0) in (0..tx).step_by(BLOCK).enumerate() {
-                input_transform4(&src, t_y, x0, BLOCK.min(tx - x0), &mut slot[b * block + c0..], channels);
-            }
+            transform_row(&src, t_y, w, slot, c0, channels);
             self.tile_row::<4>(RowInput::Slot(slot, channels), t_y, h, w, act, dst);
         });
     }
