@@ -113,29 +113,35 @@ pub struct Cnn {
     loaded: Option<(String, Loaded)>,
 }
 
-/// Overlap of neighbouring tiles, in input pixels, for tiled output to match untiled output to
-/// ≥ 50 dB PSNR: RRDBNet reaches further than SRResNet (measured at 40/48/64: 47, 53, 62 dB
-/// on the semantic detail of x4plus).
-fn default_overlap(model: &str) -> usize {
-    match model {
-        SRGAN_PAIR => 32,
-        _ => 48,
-    }
+/// How a model's jobs are tiled unless its parameters say otherwise.
+struct TileDefaults {
+    /// Overlap of neighbouring tiles, in input pixels, for tiled output to match untiled
+    /// output to ≥ 50 dB PSNR: RRDBNet reaches further than SRResNet (measured at 40/48/64:
+    /// 47, 53, 62 dB on the semantic detail of x4plus).
+    overlap: usize,
+    /// The budget for a tile's pass, in MiB: the smallest at which the model runs at full
+    /// speed. srgan-pair's 512 gives 1024×768 tiles of 256² in 12.4 s at a 974 MiB peak (f32
+    /// layers included), where 1024 gave tiles of 362² in the same time at 1199 MiB; RRDBNet's
+    /// tiles carry 48 pixels of overlap, and halving its 1024 would take 10 % more work.
+    memory_mb: usize,
+    /// Peak memory of a tile's pass per input pixel, rounded up: the slope of a fresh worker's
+    /// high-water mark over single-tile jobs of 128², 256² and 384² (session 4, u8 layers):
+    /// srgan-pair (both networks) 204 → 545 → 1076 MiB, 6.6-7.1 KiB a pixel; RRDBNet, whose
+    /// blocks and tail run in strips, 408 → 478 → 562 MiB, 1.0-1.5 KiB a pixel (4 KiB leaves
+    /// room for f32 result layers and the tiler's strips).
+    bytes_per_pixel: usize,
 }
 
-/// The default budget for a tile's pass, in MiB: the smallest at which the model runs at full
-/// speed. srgan-pair's 512 gives 1024×768 tiles of 256² in 12.4 s at a 974 MiB peak (f32
-/// layers included), where 1024 gave tiles of 362² in the same time at 1199 MiB; RRDBNet's
-/// tiles carry 48 pixels of overlap, and halving its 1024 would take 10 % more work.
-fn default_memory_mb(model: &str) -> usize {
+fn tile_defaults(model: &str) -> TileDefaults {
     match model {
-        SRGAN_PAIR => 512,
-        _ => 1024,
+        SRGAN_PAIR => TileDefaults { overlap: 32, memory_mb: 512, bytes_per_pixel: 8 << 10 },
+        _ => TileDefaults { overlap: 48, memory_mb: 1024, bytes_per_pixel: 4 << 10 },
     }
 }
 
 fn model(id: &str, name: &str, description: &str) -> Value {
-    let bytes_per_pixel_kib = bytes_per_tile_pixel(id) >> 10;
+    let tiling = tile_defaults(id);
+    let bytes_per_pixel_kib = tiling.bytes_per_pixel >> 10;
     let mut m = json!({
         "id": id,
         "name": name,
@@ -145,9 +151,9 @@ fn model(id: &str, name: &str, description: &str) -> Value {
         "parameters": [
             {"name": "tile", "kind": "int", "default": 0, "min": 0, "max": 4096,
              "description": "Tile side in input pixels; 0 sizes tiles from memory_mb (the whole image in one tile when it fits)."},
-            {"name": "memory_mb", "kind": "int", "default": default_memory_mb(id), "min": 64, "max": 65536,
+            {"name": "memory_mb", "kind": "int", "default": tiling.memory_mb, "min": 64, "max": 65536,
              "description": format!("Memory budget for one tile's network pass, in MiB (about {bytes_per_pixel_kib} KiB per input pixel).")},
-            {"name": "overlap", "kind": "int", "default": default_overlap(id), "min": 8, "max": 256,
+            {"name": "overlap", "kind": "int", "default": tiling.overlap, "min": 8, "max": 256,
              "description": "Overlap of neighbouring tiles in input pixels, cross-faded."}
         ],
         "exact_render": false
@@ -195,9 +201,10 @@ impl Engine for Cnn {
             return Err(EngineError::Failed(format!("cnn has no model `{}` at ×{}", job.model, job.scale)));
         }
         let int = |name: &str, default: u64| job.params.get(name).and_then(Value::as_u64).unwrap_or(default) as usize;
-        let overlap = int("overlap", default_overlap(&job.model) as u64);
+        let tiling = tile_defaults(&job.model);
+        let overlap = int("overlap", tiling.overlap as u64);
         let tile = match int("tile", 0) {
-            0 => tile_for_budget(job.input.width(), job.input.height(), int("memory_mb", default_memory_mb(&job.model) as u64), overlap, bytes_per_tile_pixel(&job.model)),
+            0 => tile_for_budget(job.input.width(), job.input.height(), int("memory_mb", tiling.memory_mb as u64), overlap, tiling.bytes_per_pixel),
             t => t,
         };
         if self.loaded.as_ref().is_none_or(|(id, _)| *id != job.model) {
@@ -224,18 +231,6 @@ impl Engine for Cnn {
 }
 
 export_plugin!(Cnn);
-
-/// Peak memory of a tile's pass per input pixel, rounded up: the slope of a fresh worker's
-/// high-water mark over single-tile jobs of 128², 256² and 384² (session 4, u8 layers):
-/// srgan-pair (both networks) 204 → 545 → 1076 MiB, 6.6-7.1 KiB a pixel; RRDBNet, whose
-/// blocks and tail run in strips, 408 → 478 → 562 MiB, 1.0-1.5 KiB a pixel (4 KiB leaves
-/// room for f32 result layers and the tiler's strips).
-fn bytes_per_tile_pixel(model: &str) -> usize {
-    match model {
-        SRGAN_PAIR => 8 << 10,
-        _ => 4 << 10,
-    }
-}
 
 /// The largest tile side whose pass fits `memory_mb`: the whole image when it fits.
 fn tile_for_budget(width: usize, height: usize, memory_mb: usize, overlap: usize, bytes_per_pixel: usize) -> usize {
