@@ -168,7 +168,8 @@ impl RrdbNet {
     }
 
     /// (1, 3, h, w) RGB in [0, 1] → (1, 3, 4h, 4w), not clamped (the trained network
-    /// overshoots [0, 1] a little).
+    /// overshoots [0, 1] a little). Call it inside [`crate::layers::in_pool`] (the tiler
+    /// does): a dense block's wavefront runs thousands of short parallel loops.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         self.forward_timed(x, &mut |_, _| {})
     }
@@ -176,21 +177,21 @@ impl RrdbNet {
     /// `forward`, telling `stage(name, seconds)` how long each part took (for profiling).
     pub fn forward_timed(&self, x: &Tensor, stage: &mut dyn FnMut(&str, f64)) -> Result<Tensor> {
         let mut lap = crate::layers::stopwatch(stage);
-        let feat = crate::layers::in_pool(|| {
-            let p = Padded::from_nchw(x)?;
-            let feat = self.conv_first.forward(&p)?;
-            let grow = self.body.first().map_or(0, |b| b[0].convs[0].out_channels());
-            let mut scratch = RdbScratch::new(p.h, p.w, self.conv_first.out_channels(), grow, self.rdb_band);
-            let mut h = feat.clone();
-            for rrdb in &self.body {
-                let mut y = h.clone();
-                for rdb in rrdb {
-                    y = rdb.forward(&y, &mut scratch)?;
-                }
-                h = y.scale_add(RESIDUAL_SCALE, &h)?;
+        let p = Padded::from_nchw(x)?;
+        let feat = self.conv_first.forward(&p)?;
+        let grow = self.body.first().map_or(0, |b| b[0].convs[0].out_channels());
+        let mut scratch = RdbScratch::new(p.h, p.w, self.conv_first.out_channels(), grow, self.rdb_band);
+        let mut h = feat.clone();
+        for rrdb in &self.body {
+            let mut y = h.clone();
+            for rdb in rrdb {
+                y = rdb.forward(&y, &mut scratch)?;
             }
-            feat.add(&self.conv_body.forward(&h)?)
-        })?;
+            h = y.scale_add(RESIDUAL_SCALE, &h)?;
+        }
+        drop(scratch);
+        let feat = feat.add(&self.conv_body.forward(&h)?)?;
+        drop(h);
         lap("body");
         // The ×4 tail in strips of feature rows, each with TAIL_HALO rows of context on both
         // sides: its activations at the output resolution are the network's largest (64
