@@ -124,14 +124,16 @@ def run_job(client, settings, width, height, channels, pixels, sample, progress)
 
 def exact_params(client, settings):
     """Job parameters that render the semantic detail exactly at λ_sem = the semantic
-    opacity, instead of blending it linearly: deep network interpolation for models that
-    offer it (`dni`, srgan-pair)."""
+    opacity, instead of blending it linearly (`tessera_client.exact_render_params`)."""
+    tc = _import_client()
     for plugin in client.list()["plugins"]:
         if settings["engine"] not in (None, plugin["id"]):
             continue
         for model in plugin["models"]:
-            if model["id"] == settings["model"] and any(p["name"] == "dni" for p in model.get("parameters", [])):
-                return {"dni": settings["semantic_opacity"] / 100.0}
+            if model["id"] == settings["model"]:
+                params = tc.exact_render_params(model, settings["semantic_opacity"] / 100.0)
+                if params is not None:
+                    return params
     raise Failure("%s offers no exact render; leave \"exact λ\" off and blend the semantic "
                   "detail with its layer opacity." % settings["model"])
 

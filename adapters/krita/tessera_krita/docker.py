@@ -23,6 +23,11 @@ DOCKER_ID = "tessera_docker"
 CLIENT_NAME = "tessera-krita/0.1"
 
 
+def model_key(settings):
+    """The "engine/model" a job's settings name, as the model list stores it."""
+    return "%s/%s" % (settings["engine"], settings["model"])
+
+
 class Run(threading.Thread):
     """One upscale on the daemon: pixels in, result layers (and the upscaled selection) out,
     as events on `events`. Never touches Krita. `exact`: for an exact render, the Result it
@@ -157,7 +162,7 @@ class TesseraDocker(DockWidget):
 
         self.runs = []  # jobs not finished yet, oldest first
         self.last = None  # the last Result
-        self.exact_models = set()  # "engine/model" of the models that render exactly
+        self.exact_models = {}  # "engine/model" → description, of the models that render exactly
         self.events = queue.Queue()
         self.upscale_button.clicked.connect(self.upscale)
         self.exact_button.clicked.connect(self.render_exact)
@@ -234,8 +239,9 @@ class TesseraDocker(DockWidget):
             return
         semantic = self.semantic_slider.value() / 100.0
         r = last.run
+        params = import_client().exact_render_params(self.exact_models[model_key(r.settings)], semantic)
         run = Run(dict(r.settings, semantic_opacity=100.0 * semantic), r.source, r.pixels, None,
-                  params={"dni": semantic}, exact=(last, semantic))
+                  params=params, exact=(last, semantic))
         self.jobs.insertItem(0, "queued: exact λ %.2f, %s on %s" % (semantic, r.settings["model"], r.source.node.name()))
         self.start(run)
 
@@ -246,18 +252,18 @@ class TesseraDocker(DockWidget):
         if last is None or not last.alive():
             return
         layers = document.detail_layers(last.group)
-        if role == "semantic_detail" and "semantic_exact" in layers and layers["semantic_exact"].visible():
-            layers["semantic_exact"].setVisible(False)
-            layers.get(role) is not None and layers[role].setVisible(True)
         layer = layers.get(role)
+        exact = layers.get("semantic_exact") if role == "semantic_detail" else None
+        if exact is not None and exact.visible():
+            exact.setVisible(False)
+            if layer is not None:
+                layer.setVisible(True)
         if layer is not None:
             layer.setOpacity(round(255 * value / 100.0))
             last.doc.refreshProjection()
 
     def update_exact_button(self):
-        last = self.last
-        key = last and "%s/%s" % (last.run.settings["engine"], last.run.settings["model"])
-        self.exact_button.setEnabled(key in self.exact_models)
+        self.exact_button.setEnabled(self.last is not None and model_key(self.last.run.settings) in self.exact_models)
 
     def say(self, text):
         self.message.setText(text)
@@ -290,10 +296,8 @@ class TesseraDocker(DockWidget):
                 for m in plugin["models"]:
                     key = "%s/%s" % (plugin["id"], m["id"])
                     self.model.addItem("%s (%s)" % (m["name"], plugin["name"]), key)
-                    # Today's exact render: srgan-pair's interpolated network (`dni`), which
-                    # takes one pass of the network; engines that keep latents say exact_render.
-                    if m.get("exact_render") or any(p.get("name") == "dni" for p in m.get("parameters", [])):
-                        self.exact_models.add(key)
+                    if import_client().exact_render_params(m, 1.0) is not None:
+                        self.exact_models[key] = m
             index = self.model.findData("cnn/srgan-pair")
             if index >= 0:
                 self.model.setCurrentIndex(index)

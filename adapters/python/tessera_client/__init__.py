@@ -19,6 +19,7 @@ from .client import Client, Job
 from .errors import DaemonNotFound, TesseraError
 from .frame import MAX_FRAME_LEN, FrameError
 from .messages import PROTOCOL_VERSION
+from .models import exact_render_params
 from .paths import (find_daemon, log_path, read_token, runtime_dir, socket_path, start_daemon,
                     token_path)
 
@@ -34,6 +35,7 @@ __all__ = [
     "MAX_FRAME_LEN",
     "PROTOCOL_VERSION",
     "TesseraError",
+    "exact_render_params",
     "find_daemon",
     "log_path",
     "read_token",
