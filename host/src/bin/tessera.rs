@@ -70,8 +70,21 @@ enum ModelsAction {
         from: FetchFrom,
     },
     /// Install an official release file you already have (e.g. RealESRGAN_x4plus.pth),
-    /// recognised by its SHA-256.
-    Import { file: PathBuf },
+    /// recognised by its SHA-256; or, as `import pisa --base DIR --checkpoint FILE`, PiSA-SR
+    /// from a Stable Diffusion 2.1-base folder (diffusers layout) and its `pisa_sr.pkl`.
+    Import {
+        /// The release file, or `pisa`.
+        file: PathBuf,
+        /// pisa: the SD2.1-base folder (unet/, vae/, text_encoder/, tokenizer/).
+        #[arg(long, required_if_eq("file", "pisa"))]
+        base: Option<PathBuf>,
+        /// pisa: the PiSA-SR checkpoint (pisa_sr.pkl).
+        #[arg(long, required_if_eq("file", "pisa"))]
+        checkpoint: Option<PathBuf>,
+        /// pisa: the id to install it under (a fine-tune beside the original, say).
+        #[arg(long, default_value = "pisa")]
+        id: String,
+    },
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -116,6 +129,19 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 };
                 println!("  {:<24} [{state}]  {}", e.id, e.summary);
             }
+            println!("importable models:");
+            let pisa = models::imported::installed_pisa(&store);
+            if !pisa.iter().any(|id| id == models::imported::PISA) {
+                let how = models::imported::install_command(models::imported::PISA, models::imported::PISA).unwrap_or_default();
+                println!("  {:<24} [not installed: {how}]", models::imported::PISA);
+            }
+            for id in pisa {
+                let state = match models::store::verify(&store, &id) {
+                    Ok(m) => format!("installed: {}", m.source),
+                    Err(err) => format!("{err}; import it again"),
+                };
+                println!("  {id:<24} [{state}]  PiSA-SR one-step diffusion ×4, pixel and semantic LoRA");
+            }
             match Client::connect(&socket, !cli.no_start) {
                 Ok(client) => {
                     println!("engines in tesserad:");
@@ -132,8 +158,20 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Models { action: Some(ModelsAction::Import { file }) } => {
-            models::fetch::import(&file, &models::store::store_dir(), &|line| eprintln!("{line}"))?;
+        Command::Models { action: Some(ModelsAction::Import { file, base, checkpoint, id }) } => {
+            let say = |line: &str| eprintln!("{line}");
+            match (base, checkpoint) {
+                (Some(base), Some(checkpoint)) if file.as_os_str() == models::imported::PISA => {
+                    if id.is_empty() || id.starts_with('.') || id.contains(['/', '\\']) {
+                        bail!("--id `{id}` is not a usable model id (a plain name, like pisa-finetune)");
+                    }
+                    models::imported::import_pisa(&base, &checkpoint, &id, &models::store::store_dir(), &say)?;
+                }
+                (None, None) => {
+                    models::fetch::import(&file, &models::store::store_dir(), &say)?;
+                }
+                _ => bail!("--base and --checkpoint go with `tessera models import pisa`"),
+            }
             Ok(())
         }
         Command::Models { action: Some(ModelsAction::Fetch { id, from }) } => {

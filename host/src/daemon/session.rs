@@ -199,14 +199,15 @@ impl Session {
                 }
             }
         };
-        if crate::models::catalog::find(&model.id).is_some() {
+        let install = match crate::models::imported::install_command(&plugin, &model.id) {
+            Some(import) => Some(import),
+            None => crate::models::catalog::find(&model.id).map(|_| format!("tessera models fetch {}", model.id)),
+        };
+        if let Some(install) = install {
             let store = crate::models::store::store_dir();
             if let Err(e) = crate::models::store::verify_cached(&store, &model.id) {
-                return Err(err(ErrorCode::ModelNotInstalled, e.to_string()).with_hint(format!(
-                    "run `tessera models fetch {}` to install it (model store: {})",
-                    model.id,
-                    store.display()
-                )));
+                return Err(err(ErrorCode::ModelNotInstalled, e.to_string())
+                    .with_hint(format!("run `{install}` to install it (model store: {})", store.display())));
             }
         }
         if !model.scales.contains(&s.scale) {

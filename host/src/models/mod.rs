@@ -4,6 +4,7 @@
 pub mod catalog;
 pub mod convert;
 pub mod fetch;
+pub mod imported;
 pub mod ncnn;
 mod srgan_h5;
 pub mod store;

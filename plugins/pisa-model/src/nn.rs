@@ -1,0 +1,262 @@
+//! The layers the UNet, VAE and text encoder are made of, LoRA-aware: an adapter is either
+//! merged into a layer's weight when it is built (`W + s·B·A`, no cost at run time) or kept
+//! beside it and applied at run time with a scale per batch item, so one batch can run the
+//! same layer with and without the adapter (PiSA-SR's ε_pix and ε_full in one pass).
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Mutex;
+
+use candle_core::{DType, Module, Tensor, D};
+
+use crate::error::{ModelError, Result};
+use crate::weights::Vb;
+
+/// What a forward pass needs besides its input.
+#[derive(Clone, Debug)]
+pub struct Ctx {
+    /// The run-time adapter's scale for each batch item, shape `[batch]` (f32); `None` runs
+    /// without it.
+    pub lora: Option<Tensor>,
+    /// The most bytes one attention score matrix may take; queries are processed in chunks
+    /// that fit (at least one query row at a time).
+    pub attention_bytes: usize,
+}
+
+impl Default for Ctx {
+    fn default() -> Ctx {
+        Ctx { lora: None, attention_bytes: 256 << 20 }
+    }
+}
+
+/// A low-rank adapter of one layer: `A` `[r, in]` or `[r, in, k, k]` (the layer's kernel,
+/// stride and padding), `B` `[out, r]` or `[out, r, 1, 1]`, and `scale` = α / r.
+#[derive(Clone, Debug)]
+pub struct Adapter {
+    pub a: Tensor,
+    pub b: Tensor,
+    pub scale: f64,
+}
+
+impl Adapter {
+    /// `scale · B·A`, shaped like the layer's weight.
+    pub fn delta(&self, weight_shape: &[usize]) -> candle_core::Result<Tensor> {
+        let r = self.a.dim(0)?;
+        let out = self.b.dim(0)?;
+        let a = self.a.reshape((r, self.a.elem_count() / r))?;
+        let b = self.b.reshape((out, r))?;
+        (b.matmul(&a)? * self.scale)?.reshape(weight_shape)
+    }
+
+    /// Checks the adapter fits a layer whose weight has `weight_shape` (PyTorch layout).
+    fn check(&self, module: &str, weight_shape: &[usize]) -> Result<()> {
+        let bad = |why: String| ModelError::Checkpoint { file: "LoRA".into(), why: format!("`{module}`: {why}") };
+        let r = self.a.dim(0)?;
+        let mut a_shape = weight_shape.to_vec();
+        a_shape[0] = r;
+        let b_shape: Vec<usize> = if weight_shape.len() == 4 { vec![weight_shape[0], r, 1, 1] } else { vec![weight_shape[0], r] };
+        if self.a.dims() != a_shape.as_slice() {
+            return Err(bad(format!("lora_A has shape {:?}, expected {a_shape:?} for a layer of {weight_shape:?}", self.a.dims())));
+        }
+        if self.b.dims() != b_shape.as_slice() {
+            return Err(bad(format!("lora_B has shape {:?}, expected {b_shape:?}", self.b.dims())));
+        }
+        Ok(())
+    }
+}
+
+/// One family of adapters (PiSA-SR's pixel or semantic LoRA), by module name
+/// (`down_blocks.0.resnets.0.conv1`).
+#[derive(Clone, Debug, Default)]
+pub struct Family {
+    pub name: String,
+    pub layers: HashMap<String, Adapter>,
+}
+
+/// Which adapters the layers built from a [`Vb`] merge and which they keep for run time.
+#[derive(Debug, Default)]
+pub struct LoraPlan {
+    pub merge: Vec<Family>,
+    pub runtime: Option<Family>,
+    used: Mutex<BTreeSet<String>>,
+}
+
+impl LoraPlan {
+    pub fn new(merge: Vec<Family>, runtime: Option<Family>) -> LoraPlan {
+        LoraPlan { merge, runtime, used: Mutex::default() }
+    }
+
+    /// The weight of module `name` with the merged families added, and its run-time adapter.
+    fn adapt(&self, name: &str, weight: Tensor) -> Result<(Tensor, Option<Adapter>)> {
+        let mut w = weight;
+        let mut touched = false;
+        for family in &self.merge {
+            if let Some(ad) = family.layers.get(name) {
+                ad.check(name, w.dims())?;
+                w = (&w + ad.delta(w.dims())?)?;
+                touched = true;
+            }
+        }
+        let runtime = self.runtime.as_ref().and_then(|f| f.layers.get(name)).cloned();
+        if let Some(ad) = &runtime {
+            ad.check(name, w.dims())?;
+            touched = true;
+        }
+        if touched {
+            self.used.lock().unwrap_or_else(|e| e.into_inner()).insert(name.to_string());
+        }
+        Ok((w, runtime))
+    }
+
+    /// Fails naming an adapted module that no layer of the model has.
+    pub fn check_all_used(&self) -> Result<()> {
+        let used = self.used.lock().unwrap_or_else(|e| e.into_inner());
+        for family in self.merge.iter().chain(self.runtime.as_ref()) {
+            let mut names: Vec<&String> = family.layers.keys().filter(|k| !used.contains(*k)).collect();
+            names.sort();
+            if let Some(name) = names.first() {
+                return Err(ModelError::Checkpoint {
+                    file: family.name.clone(),
+                    why: format!("LoRA module `{name}` is not an adaptable layer of this UNet"),
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `x·Wᵀ + b`, plus the run-time adapter's `s·B·A·x` scaled per batch item.
+#[derive(Clone, Debug)]
+pub struct Linear {
+    w: Tensor,
+    b: Option<Tensor>,
+    lora: Option<Adapter>,
+}
+
+impl Linear {
+    pub fn load(vb: &Vb, lora: Option<&LoraPlan>, input: usize, output: usize, bias: bool) -> Result<Linear> {
+        let w = vb.get("weight", &[output, input])?;
+        let b = if bias { Some(vb.get("bias", &[output])?) } else { None };
+        let (w, lora) = match lora {
+            Some(plan) => plan.adapt(vb.prefix(), w)?,
+            None => (w, None),
+        };
+        Ok(Linear { w, b, lora })
+    }
+
+    /// `x`: `[batch, …, in]`.
+    pub fn forward(&self, x: &Tensor, ctx: &Ctx) -> candle_core::Result<Tensor> {
+        let dims = x.dims().to_vec();
+        let input = *dims.last().expect("rank ≥ 1");
+        let rows = x.elem_count() / input;
+        let x2 = x.reshape((rows, input))?;
+        let mut y = x2.matmul(&self.w.t()?)?;
+        if let Some(b) = &self.b {
+            y = y.broadcast_add(b)?;
+        }
+        if let (Some(ad), Some(scales)) = (&self.lora, &ctx.lora) {
+            let batch = dims[0];
+            let extra = x2.matmul(&ad.a.t()?)?.matmul(&ad.b.t()?)?;
+            let extra = extra.reshape((batch, rows / batch, ()))?.broadcast_mul(&(scales * ad.scale)?.reshape((batch, 1, 1))?)?;
+            y = (y.reshape((batch, rows / batch, ()))? + extra)?;
+        }
+        let mut out_dims = dims;
+        *out_dims.last_mut().expect("rank ≥ 1") = self.w.dim(0)?;
+        y.reshape(out_dims)
+    }
+}
+
+/// A 2-D convolution (PyTorch OIHW weight), LoRA-aware like [`Linear`].
+#[derive(Clone, Debug)]
+pub struct Conv2d {
+    w: Tensor,
+    b: Option<Tensor>,
+    stride: usize,
+    padding: usize,
+    lora: Option<Adapter>,
+}
+
+impl Conv2d {
+    #[allow(clippy::too_many_arguments)]
+    pub fn load(vb: &Vb, lora: Option<&LoraPlan>, input: usize, output: usize, kernel: usize, stride: usize, padding: usize) -> Result<Conv2d> {
+        let w = vb.get("weight", &[output, input, kernel, kernel])?;
+        let b = Some(vb.get("bias", &[output])?);
+        let (w, lora) = match lora {
+            Some(plan) => plan.adapt(vb.prefix(), w)?,
+            None => (w, None),
+        };
+        Ok(Conv2d { w, b, stride, padding, lora })
+    }
+
+    pub fn forward(&self, x: &Tensor, ctx: &Ctx) -> candle_core::Result<Tensor> {
+        let mut y = x.conv2d(&self.w, self.padding, self.stride, 1, 1)?;
+        if let Some(b) = &self.b {
+            y = y.broadcast_add(&b.reshape((1, (), 1, 1))?)?;
+        }
+        if let (Some(ad), Some(scales)) = (&self.lora, &ctx.lora) {
+            let batch = x.dim(0)?;
+            let extra = x.conv2d(&ad.a, self.padding, self.stride, 1, 1)?.conv2d(&ad.b, 0, 1, 1, 1)?;
+            y = (y + extra.broadcast_mul(&(scales * ad.scale)?.reshape((batch, 1, 1, 1))?)?)?;
+        }
+        Ok(y)
+    }
+}
+
+pub fn group_norm(vb: &Vb, groups: usize, channels: usize, eps: f64) -> Result<candle_nn::GroupNorm> {
+    let w = vb.get("weight", &[channels])?;
+    let b = vb.get("bias", &[channels])?;
+    Ok(candle_nn::GroupNorm::new(w, b, channels, groups, eps)?)
+}
+
+pub fn layer_norm(vb: &Vb, channels: usize, eps: f64) -> Result<candle_nn::LayerNorm> {
+    let w = vb.get("weight", &[channels])?;
+    let b = vb.get("bias", &[channels])?;
+    Ok(candle_nn::LayerNorm::new(w, b, eps))
+}
+
+/// Multi-head scaled dot-product attention, `q` `[batch, n_q, heads·d]`, `k` and `v`
+/// `[batch, n_k, heads·d]`, with an optional additive mask `[n_q, n_k]`. Queries run in
+/// chunks so that no score matrix exceeds `ctx.attention_bytes`.
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, mask: Option<&Tensor>, ctx: &Ctx) -> candle_core::Result<Tensor> {
+    let (batch, n_q, inner) = q.dims3()?;
+    let n_k = k.dim(1)?;
+    let d = inner / heads;
+    let split = |t: &Tensor, n: usize| t.reshape((batch, n, heads, d))?.transpose(1, 2)?.contiguous()?.reshape((batch * heads, n, d));
+    let q = (split(q, n_q)? * (d as f64).powf(-0.5))?;
+    let kt = split(k, n_k)?.t()?.contiguous()?;
+    let v = split(v, n_k)?;
+    let row_bytes = batch * heads * n_k * DType::F32.size_in_bytes();
+    let chunk = (ctx.attention_bytes / row_bytes.max(1)).clamp(1, n_q);
+    let mut parts = Vec::with_capacity(n_q.div_ceil(chunk));
+    for start in (0..n_q).step_by(chunk) {
+        let len = chunk.min(n_q - start);
+        let mut scores = q.narrow(1, start, len)?.matmul(&kt)?;
+        if let Some(m) = mask {
+            scores = scores.broadcast_add(&m.narrow(0, start, len)?)?;
+        }
+        let p = candle_nn::ops::softmax_last_dim(&scores)?;
+        parts.push(p.matmul(&v)?);
+    }
+    let out = if parts.len() == 1 { parts.pop().expect("one") } else { Tensor::cat(&parts, 1)? };
+    out.reshape((batch, heads, n_q, d))?.transpose(1, 2)?.contiguous()?.reshape((batch, n_q, inner))
+}
+
+/// GroupNorm then SiLU, the step before most convolutions here.
+pub fn norm_silu(norm: &candle_nn::GroupNorm, x: &Tensor) -> candle_core::Result<Tensor> {
+    norm.forward(x)?.silu()
+}
+
+/// Splits the last dimension in two halves (GEGLU's value and gate).
+pub fn halves(x: &Tensor) -> candle_core::Result<(Tensor, Tensor)> {
+    let n = x.dim(D::Minus1)? / 2;
+    Ok((x.narrow(D::Minus1, 0, n)?, x.narrow(D::Minus1, n, n)?))
+}
+
+/// diffusers' `Downsample2D` with padding 0 pads one zero row and column at the bottom and
+/// right before its stride-2 convolution (with padding 1 the convolution pads itself).
+pub fn pad_for_downsample(x: &Tensor, padding: usize) -> candle_core::Result<Tensor> {
+    if padding == 0 {
+        x.pad_with_zeros(3, 0, 1)?.pad_with_zeros(2, 0, 1)
+    } else {
+        Ok(x.clone())
+    }
+}

@@ -1,0 +1,206 @@
+//! The pisa engine: PiSA-SR one-step diffusion super-resolution (Stable Diffusion 2.1-base with
+//! a pixel-level and a semantic-level LoRA, `z_H = z_L − ε` at t = 1) returning the layer
+//! contract's layers (DESIGN.md §3): `base` = bicubic ×4, `pixel_detail` = x(1, 0) − base,
+//! `semantic_detail` = x(1, 1) − x(1, 0), each x colour-fixed on its own, so that
+//! base + pixel + semantic = x_full. Alpha is the base's (upscaled, never generated).
+//!
+//! The networks and the model store's files are `tessera-pisa-model`'s; the maths from
+//! bicubic image to images is [`pipeline`]; colour correction is [`colour`].
+
+pub mod colour;
+pub mod pipeline;
+
+use std::path::PathBuf;
+
+use candle_core::Device;
+use serde_json::{json, Value};
+use tessera_pisa_model::nn::Ctx;
+use tessera_pisa_model::store::PisaModel;
+use tessera_plugin_abi::{export_plugin, Engine, EngineError, Job};
+use tessera_protocol::{LayerRole, PluginInfo};
+use tessera_resample::{Filter, Resampler, Scratch};
+
+use colour::ColourFix;
+use pipeline::{Latents, Pipeline, Planes};
+
+pub const MODEL: &str = "pisa";
+const SCALE: usize = 4;
+/// The command that installs the model, for errors.
+pub const IMPORT_COMMAND: &str = "tessera models import pisa --base SD21_BASE_DIR --checkpoint pisa_sr.pkl";
+
+pub struct Pisa {
+    store: PathBuf,
+    device: Device,
+    loaded: Option<(String, PisaModel)>,
+}
+
+fn describe_model() -> Value {
+    json!({
+        "id": MODEL,
+        "name": "PiSA-SR ×4 (one-step diffusion)",
+        "description": format!("Stable Diffusion 2.1-base with PiSA-SR's pixel- and semantic-level LoRA: pixel detail from the pixel LoRA alone, semantic detail from adding the semantic LoRA. Install with `{IMPORT_COMMAND}`."),
+        "scales": [4],
+        "layers": ["base", "pixel_detail", "semantic_detail"],
+        "exact_render": true,
+        "parameters": [
+            {"name": "mode", "kind": "choice", "default": "adjustable", "choices": ["adjustable", "default"],
+             "description": "adjustable: one UNet batch of two (ε_pix and ε_full) and the pixel and semantic layers; default: PiSA-SR's one pass (ε_full), faster, all detail in the pixel-detail layer and none in the semantic one."},
+            {"name": "color_fix", "kind": "choice", "default": "adain", "choices": ["adain", "wavelet", "none"],
+             "description": "Colour correction of each decoded image against the bicubic image, with whole-image statistics (PiSA-SR's default: adain)."},
+            {"name": "attention_mb", "kind": "int", "default": 256, "min": 1, "max": 65536,
+             "description": "The most memory one attention score matrix may take, in MiB; larger images run their attention in more chunks."}
+        ]
+    })
+}
+
+impl Engine for Pisa {
+    fn describe() -> PluginInfo {
+        serde_json::from_value(json!({
+            "id": "pisa",
+            "version": env!("CARGO_PKG_VERSION"),
+            "name": "PiSA-SR diffusion super-resolution",
+            "description": "One-step diffusion super-resolution with adjustable pixel and semantic detail (PiSA-SR on Stable Diffusion 2.1-base).",
+            "models": [describe_model()]
+        }))
+        .expect("static description is valid")
+    }
+
+    fn create(config: &Value) -> Result<Self, String> {
+        let store = config.get("model_store").and_then(Value::as_str).map(PathBuf::from).ok_or("the host passed no model_store directory")?;
+        Ok(Pisa { store, device: Device::Cpu, loaded: None })
+    }
+
+    fn process(&mut self, job: &mut Job<'_>) -> Result<(), EngineError> {
+        if job.model != MODEL || job.scale as usize != SCALE {
+            return Err(EngineError::Failed(format!("pisa has no model `{}` at ×{}", job.model, job.scale)));
+        }
+        let fail = |stage: &'static str| move |e: candle_core::Error| EngineError::Failed(format!("{stage}: {e}"));
+        let adjustable = job.param_str("mode") != Some("default");
+        let fix = job.param_str("color_fix").and_then(ColourFix::parse).unwrap_or(ColourFix::AdaIn);
+        let attention_mb = job.params.get("attention_mb").and_then(Value::as_u64).unwrap_or(256) as usize;
+        let stages = 5;
+        if self.loaded.as_ref().is_none_or(|(id, _)| *id != job.model) {
+            self.loaded = None;
+            job.calls.progress(0, stages, "loading");
+            let dir = self.store.join(&job.model);
+            let model = PisaModel::load(&dir, &self.device)
+                .map_err(|e| EngineError::Failed(format!("cannot load the pisa model from {}: {e}; install it with `{IMPORT_COMMAND}`", dir.display())))?;
+            self.loaded = Some((job.model.clone(), model));
+        }
+        let (_, model) = self.loaded.as_ref().expect("loaded above");
+        let pipe = Pipeline { model, ctx: Ctx { lora: None, attention_bytes: attention_mb << 20 } };
+
+        let base = base_image(job);
+        let bicubic = base.rgb();
+        let step = |done: u64, stage: &str| -> Result<(), EngineError> {
+            job.calls.check_cancel()?;
+            job.calls.progress(done, stages, stage);
+            Ok(())
+        };
+        step(0, "encode")?;
+        let z_l = pipe.encode(&bicubic).map_err(fail("encode"))?;
+        step(1, "unet")?;
+        let (eps_pix, eps_full) = pipe.predict(&z_l, adjustable).map_err(fail("unet"))?;
+        let latents = Latents { width: bicubic.width, height: bicubic.height, z_l, eps_pix, eps_full };
+        step(2, "decode")?;
+        let decode = |lp, ls| pipe.render(&latents, lp, ls, ColourFix::None, &bicubic).map_err(fail("decode"));
+        let x_full = decode(1.0, 1.0)?;
+        let x_pix = if adjustable { Some(decode(1.0, 0.0)?) } else { None };
+        step(3, "colour fix")?;
+        let mut x_full = x_full;
+        fix.apply(&mut x_full, &bicubic);
+        let x_pix = x_pix.map(|mut x| {
+            fix.apply(&mut x, &bicubic);
+            x
+        });
+        step(4, "layers")?;
+        write_layers(job, &base, x_pix.as_ref(), &x_full);
+        job.calls.progress(stages, stages, "done");
+        Ok(())
+    }
+}
+
+export_plugin!(Pisa);
+
+/// The bicubic ×4 of the input in its own channels (alpha included), interleaved.
+pub struct Base {
+    pub width: usize,
+    pub height: usize,
+    pub channels: usize,
+    pub alpha: bool,
+    pub data: Vec<f32>,
+}
+
+impl Base {
+    /// Its colour as RGB planes (grey repeated) clamped to [0, 1], the model's input and
+    /// colour reference (PiSA-SR's is an 8-bit image, so bicubic overshoot never reaches it).
+    pub fn rgb(&self) -> Planes {
+        let (w, h, c) = (self.width, self.height, self.channels);
+        let colour = c - self.alpha as usize;
+        let mut data = vec![0f32; 3 * w * h];
+        for i in 0..w * h {
+            for ch in 0..3 {
+                data[ch * w * h + i] = self.data[i * c + ch.min(colour - 1)].clamp(0.0, 1.0);
+            }
+        }
+        Planes { width: w, height: h, data }
+    }
+}
+
+/// The classic engine's bicubic ×4, the same base every engine returns.
+pub fn base_image(job: &Job<'_>) -> Base {
+    let l = job.input.layout;
+    let (ow, oh) = (l.width as usize * SCALE, l.height as usize * SCALE);
+    let c = l.channels as usize;
+    let resampler = Resampler::new(&l, ow, oh, Filter::Bicubic);
+    let mut data = vec![0f32; ow * oh * c];
+    resampler.band(&job.input, 0, oh, &mut Scratch::default(), |dy, row| data[dy * ow * c..(dy + 1) * ow * c].copy_from_slice(row));
+    Base { width: ow, height: oh, channels: c, alpha: l.alpha, data }
+}
+
+/// Writes base, `x_pix − base` and `x_full − x_pix` (or `x_full − base` and nothing, without
+/// `x_pix`) into the job's outputs; grey documents get the mean of the model's RGB.
+fn write_layers(job: &mut Job<'_>, base: &Base, x_pix: Option<&Planes>, x_full: &Planes) {
+    let (w, c) = (base.width, base.channels);
+    let colour = c - base.alpha as usize;
+    let value = |x: &Planes, ch: usize, px: usize, y: usize| {
+        if colour >= 3 {
+            x.at(ch, px, y)
+        } else {
+            (x.at(0, px, y) + x.at(1, px, y) + x.at(2, px, y)) / 3.0
+        }
+    };
+    let mut pix = vec![0f32; w * c];
+    let mut sem = vec![0f32; w * c];
+    for y in 0..base.height {
+        let row = &base.data[y * w * c..(y + 1) * w * c];
+        for px in 0..w {
+            for ch in 0..colour {
+                let b = row[px * c + ch];
+                let full = value(x_full, ch, px, y);
+                match x_pix {
+                    Some(xp) => {
+                        let p = value(xp, ch, px, y);
+                        pix[px * c + ch] = p - b;
+                        sem[px * c + ch] = full - p;
+                    }
+                    None => {
+                        pix[px * c + ch] = full - b;
+                        sem[px * c + ch] = 0.0;
+                    }
+                }
+            }
+            if base.alpha {
+                pix[px * c + c - 1] = row[px * c + c - 1];
+                sem[px * c + c - 1] = row[px * c + c - 1];
+            }
+        }
+        for (role, img) in job.outputs.iter_mut() {
+            match role {
+                LayerRole::Base => img.write_row(y, row),
+                LayerRole::PixelDetail => img.write_row(y, &pix),
+                LayerRole::SemanticDetail => img.write_row(y, &sem),
+            }
+        }
+    }
+}
