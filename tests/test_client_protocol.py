@@ -35,6 +35,8 @@ REQUEST_BUILDS = {
     "cancel": lambda: messages.cancel(5, 7),
     "list": lambda: messages.list_(6),
     "ping": lambda: messages.ping(7),
+    "render": lambda: messages.render(9, 3, 1.2, 0.8, output_sample="u16"),
+    "release_job": lambda: messages.release_job(10, 3),
 }
 
 

@@ -132,6 +132,15 @@ impl Client {
         }
     }
 
+    /// An exact render of finished job `job` at (λ_pix, λ_sem): a job of its own.
+    pub fn render(&mut self, job: u64, lambda_pix: f64, lambda_sem: f64, output_sample: SampleType) -> Result<(u64, u64), ClientError> {
+        let id = self.send(|id| Request::Render(tessera_protocol::Render { id, job, lambda_pix, lambda_sem, output_sample: Some(output_sample) }))?;
+        match self.reply(id)? {
+            Event::Queued { job, .. } => Ok((id, job)),
+            other => Err(ClientError::Unexpected(format!("{other:?}"))),
+        }
+    }
+
     /// Asks for a cancel; the job's own events say when it stopped.
     pub fn cancel(&mut self, job: u64) -> Result<(), ClientError> {
         self.send(|id| Request::Cancel { id, job })?;

@@ -14,6 +14,8 @@ pub struct OraLayer<'a> {
     pub file: String,
     pub blend: Blend,
     pub opacity: f32,
+    /// Hidden layers are stored but left out of the composite.
+    pub visible: bool,
     pub layout: Layout,
     pub data: &'a [u8],
 }
@@ -40,11 +42,12 @@ pub fn stack_xml(width: u32, height: u32, group: &str, layers: &[OraLayer<'_>]) 
     // ORA lists the topmost layer first.
     for l in layers.iter().rev() {
         xml.push_str(&format!(
-            "   <layer name=\"{}\" src=\"data/{}.png\" composite-op=\"{}\" opacity=\"{:.3}\" visibility=\"visible\" x=\"0\" y=\"0\"/>\n",
+            "   <layer name=\"{}\" src=\"data/{}.png\" composite-op=\"{}\" opacity=\"{:.3}\" visibility=\"{}\" x=\"0\" y=\"0\"/>\n",
             xml_escape(&l.name),
             l.file,
             composite_op(l.blend),
-            l.opacity
+            l.opacity,
+            if l.visible { "visible" } else { "hidden" }
         ));
     }
     xml.push_str("  </stack>\n </stack>\n</image>\n");
@@ -73,7 +76,7 @@ pub fn composite(layers: &[OraLayer<'_>]) -> Vec<u8> {
             for ch in 0..c {
                 let mut v = read(base.data, y * stride_px(base) + x * c + ch);
                 if ch < colour {
-                    for r in &layers[1..] {
+                    for r in layers[1..].iter().filter(|r| r.visible) {
                         let s = read(r.data, y * stride_px(r) + x * c + ch);
                         let blended = match r.blend {
                             Blend::GrainMerge => (v + s - 0.5).clamp(0.0, 1.0),
@@ -142,7 +145,7 @@ mod tests {
     use super::*;
 
     fn layer<'a>(name: &str, file: &str, blend: Blend, opacity: f32, layout: Layout, data: &'a [u8]) -> OraLayer<'a> {
-        OraLayer { name: name.into(), file: file.into(), blend, opacity, layout, data }
+        OraLayer { name: name.into(), file: file.into(), blend, opacity, visible: true, layout, data }
     }
 
     #[test]

@@ -154,17 +154,19 @@ fn run_job(
         .map(|(o, m)| OutputBuf { role: o.role, layout: o.buf.layout, offset: o.offset, data: &mut m[..] })
         .collect();
 
-    // Progress from any plugin thread, at most every 50 ms, always the last one.
-    let last = Mutex::new(Instant::now() - Duration::from_secs(1));
+    // Progress from any plugin thread, at most every 50 ms within a stage; always the last
+    // one and the first of each stage (a client shows the stages a job goes through).
+    let last = Mutex::new((Instant::now() - Duration::from_secs(1), String::new()));
     let progress = |done: u64, total: u64, stage: &str| {
         let mut last = last.lock();
-        if done < total && last.elapsed() < Duration::from_millis(50) {
+        if done < total && last.1 == stage && last.0.elapsed() < Duration::from_millis(50) {
             return;
         }
-        *last = Instant::now();
+        *last = (Instant::now(), stage.to_string());
         let _ = to_daemon.lock().send(FromWorker::Progress { job: job.job, done, total, stage: stage.into() });
     };
     instance.process(ProcessRequest {
+        job_id: job.job,
         model: &job.model,
         scale: job.scale,
         params: &params,

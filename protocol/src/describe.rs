@@ -11,19 +11,23 @@ pub enum LayerRole {
     Base,
     PixelDetail,
     SemanticDetail,
+    /// A whole image rendered exactly at chosen parameters (the `render` request's result):
+    /// PiSA-SR's x(λ_pix, λ_sem), where layer opacities only approximate λ.
+    Exact,
 }
 
 impl LayerRole {
     pub const ALL: [LayerRole; 3] = [LayerRole::Base, LayerRole::PixelDetail, LayerRole::SemanticDetail];
 
     pub fn is_residual(self) -> bool {
-        self != LayerRole::Base
+        matches!(self, LayerRole::PixelDetail | LayerRole::SemanticDetail)
     }
     pub fn label(self) -> &'static str {
         match self {
             LayerRole::Base => "base",
             LayerRole::PixelDetail => "pixel detail",
             LayerRole::SemanticDetail => "semantic detail",
+            LayerRole::Exact => "exact render",
         }
     }
 }

@@ -28,10 +28,29 @@ pub enum Request {
     Cancel { id: u64, job: u64 },
     List { id: u64 },
     Ping { id: u64 },
+    Render(Render),
+    /// Ends a finished job's exact renders: what it kept for them is freed. Answered `ack`.
+    ReleaseJob { id: u64, job: u64 },
 }
 
 pub const REQUEST_TYPES: &[&str] =
-    &["hello", "alloc", "release", "submit", "cancel", "list", "ping"];
+    &["hello", "alloc", "release", "submit", "cancel", "list", "ping", "render", "release_job"];
+
+/// An exact render of a finished job of this connection at other parameters, without running
+/// the job again where the model kept what it needs (PiSA-SR: its latents, one VAE decode).
+/// Answered like a submit (`queued`, `progress`, then `result` with one `exact` layer, or
+/// `error`), under a job id of its own.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct Render {
+    pub id: u64,
+    /// The finished job to render again.
+    pub job: u64,
+    pub lambda_pix: f64,
+    pub lambda_sem: f64,
+    /// Sample type of the result layer; `f32` when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output_sample: Option<SampleType>,
+}
 
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
 pub struct Submit {
@@ -59,8 +78,10 @@ impl Request {
             | Request::Release { id, .. }
             | Request::Cancel { id, .. }
             | Request::List { id }
-            | Request::Ping { id } => *id,
+            | Request::Ping { id }
+            | Request::ReleaseJob { id, .. } => *id,
             Request::Submit(s) => s.id,
+            Request::Render(r) => r.id,
         }
     }
 }
@@ -243,7 +264,7 @@ impl ErrorCode {
             BadFrame => "send a 4-byte little-endian length followed by that many bytes of JSON (at most 1 MiB); reconnect to continue",
             InvalidJson => "each frame must hold one UTF-8 JSON object",
             BadRequest => "see protocol/README.md for the fields of each message",
-            UnknownType => "known request types: hello, alloc, release, submit, cancel, list, ping",
+            UnknownType => "known request types: hello, alloc, release, submit, cancel, list, ping, render, release_job",
             HandshakeRequired => "send hello {protocol, client} as the first message, and only once",
             ProtocolMismatch => "update the adapter or the daemon so both speak the same protocol major version",
             Unauthorized => "TCP clients must send the token from the daemon's token file in hello",

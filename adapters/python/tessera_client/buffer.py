@@ -173,7 +173,8 @@ class Buffer(object):
 class Layer(object):
     """One layer of a job's result, bottom first.
 
-    ``role``: "base", "pixel_detail" or "semantic_detail"; ``name``: for people;
+    ``role``: "base", "pixel_detail" or "semantic_detail" (a job's layers), or "exact" (a
+    ``render``'s whole image at chosen λ); ``name``: for people;
     ``blend``: "normal", "grain_merge" or "addition"; ``opacity``; ``offset``: stored value =
     offset + R (0.5 for residuals in integer buffers, else 0); ``buffer``: a :class:`Buffer`.
     """
@@ -212,8 +213,8 @@ class Layer(object):
 
     @property
     def residual(self) -> bool:
-        """Whether this is a residual (detail) layer rather than the base."""
-        return self.role != "base"
+        """Whether this is a residual (detail) layer rather than a whole image."""
+        return self.role in ("pixel_detail", "semantic_detail")
 
     def __repr__(self) -> str:
         return "Layer(%r, %r, blend=%r, opacity=%r, offset=%r, %r)" % (

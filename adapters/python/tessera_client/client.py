@@ -273,9 +273,33 @@ class Client(object):
         timeout: Optional[float] = None,
     ) -> Job:
         """Submits a job on an input buffer and waits for ``queued``. Returns a :class:`Job`."""
+        return self._start_job(lambda rid: messages.submit(rid, model, scale, buf_or_id, params,
+                                                            plugin, output_sample), timeout)
+
+    def render(
+        self,
+        job: Any,
+        lambda_pix: float,
+        lambda_sem: float,
+        output_sample: Optional[str] = None,
+        timeout: Optional[float] = None,
+    ) -> Job:
+        """An exact render of a finished job (a :class:`Job` or its id) at (λ_pix, λ_sem), for
+        models whose ``exact_render`` is true: a :class:`Job` of its own whose result is one
+        ``exact`` layer, the whole image at those λ."""
+        job_id = job.job if isinstance(job, Job) else int(job)
+        return self._start_job(lambda rid: messages.render(rid, job_id, lambda_pix, lambda_sem,
+                                                            output_sample), timeout)
+
+    def release_job(self, job: Any, timeout: Optional[float] = None) -> None:
+        """Frees what a finished job kept for exact renders (its latents, its input)."""
+        job_id = job.job if isinstance(job, Job) else int(job)
+        self._call(messages.release_job, (job_id,), "ack", timeout)
+
+    def _start_job(self, build: Any, timeout: Optional[float]) -> Job:
         rid, q = self._register()
         try:
-            self._send(messages.submit(rid, model, scale, buf_or_id, params, plugin, output_sample))
+            self._send(build(rid))
             first = self._get(q, _deadline(self.timeout if timeout is None else timeout),
                               "the daemon to queue the job")
         except BaseException:

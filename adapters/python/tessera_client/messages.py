@@ -13,7 +13,8 @@ from .errors import TesseraError
 #: Major protocol version this client speaks.
 PROTOCOL_VERSION = 1
 
-REQUEST_TYPES = ("hello", "alloc", "release", "submit", "cancel", "list", "ping")
+REQUEST_TYPES = ("hello", "alloc", "release", "submit", "cancel", "list", "ping", "render",
+                 "release_job")
 EVENT_TYPES = ("welcome", "allocated", "released", "queued", "progress", "result", "error",
                "ack", "listing", "pong")
 
@@ -108,6 +109,27 @@ def cancel(id: int, job: int) -> Dict[str, Any]:
     return {"type": "cancel", "id": id, "job": int(job)}
 
 
+def render(
+    id: int,
+    job: int,
+    lambda_pix: float,
+    lambda_sem: float,
+    output_sample: Optional[str] = None,
+) -> Dict[str, Any]:
+    """An exact render of finished job ``job`` at (λ_pix, λ_sem): answered like a submit,
+    with one ``exact`` layer."""
+    msg: Dict[str, Any] = {"type": "render", "id": id, "job": int(job),
+                           "lambda_pix": float(lambda_pix), "lambda_sem": float(lambda_sem)}
+    if output_sample is not None:
+        msg["output_sample"] = output_sample
+    return msg
+
+
+def release_job(id: int, job: int) -> Dict[str, Any]:
+    """Frees what a finished job kept for exact renders."""
+    return {"type": "release_job", "id": id, "job": int(job)}
+
+
 def list_(id: int) -> Dict[str, Any]:
     return {"type": "list", "id": id}
 
@@ -125,6 +147,8 @@ BUILDERS = {
     "cancel": cancel,
     "list": list_,
     "ping": ping,
+    "render": render,
+    "release_job": release_job,
 }
 
 

@@ -231,42 +231,49 @@ fn upscale(socket: &Path, autostart: bool, input: &Path, output: &Path, scale: u
     // Integer layers of the input's depth are what the editors store; 16 bits for float input.
     let out_sample = if pixels.layout.sample == SampleType::U8 { SampleType::U8 } else { SampleType::U16 };
 
+    // λ of an exact render, for models that render exactly: not job parameters.
+    let exact_model = client.plugins.iter().flat_map(|p| &p.models).any(|m| m.id == model && m.exact_render);
+    let mut params = params;
+    let exact = if exact_model && (params.contains_key("lambda_pix") || params.contains_key("lambda_sem")) {
+        let mut lambda = |name: &str| -> anyhow::Result<f64> {
+            match params.remove(name) {
+                None => Ok(1.0),
+                Some(v) => v.as_f64().with_context(|| format!("--param {name} takes a number, not {v}")),
+            }
+        };
+        Some((lambda("lambda_pix")?, lambda("lambda_sem")?))
+    } else {
+        None
+    };
+
     let mut buf = client.alloc(image_io::request(&pixels.layout))?;
     buf.map[..pixels.data.len()].copy_from_slice(&pixels.data);
     let (_, job) = client.submit(&model, scale, &buf.info.id, params, out_sample)?;
 
     let interrupted = Arc::new(AtomicBool::new(false));
     signal_hook::flag::register(signal_hook::consts::SIGINT, interrupted.clone())?;
-    let bar = ProgressBar::new();
-    let mut cancel_sent = false;
-    let (layers, seconds) = loop {
-        if interrupted.load(Ordering::Relaxed) && !cancel_sent {
-            client.cancel(job)?;
-            cancel_sent = true;
-        }
-        let Some(ev) = client.next_event(Duration::from_millis(100))? else { continue };
-        match ev {
-            Event::Progress { job: j, done, total, stage, eta, .. } if j == job => bar.show(done, total, &stage, eta),
-            Event::Result { job: j, layers, seconds, .. } if j == job => break (layers, seconds),
-            Event::Error(e) if e.job == Some(job) => {
-                bar.clear();
-                bail!("{} ({})", e.message, e.hint);
-            }
-            _ => {}
-        }
-    };
-    bar.clear();
+    let (mut layers, mut seconds) = wait_for(&mut client, job, &interrupted)?;
     client.release(&buf.info.id)?;
+    let mut visible = vec![true; layers.len()];
+    if let Some((lambda_pix, lambda_sem)) = exact {
+        let (_, render) = client.render(job, lambda_pix, lambda_sem, out_sample)?;
+        let (exact_layers, render_seconds) = wait_for(&mut client, render, &interrupted)?;
+        seconds += render_seconds;
+        visible.extend(exact_layers.iter().map(|_| false));
+        layers.extend(exact_layers);
+    }
 
     let mapped: Vec<client::Mapped> = layers.iter().map(|l| client::map(l.buffer.clone())).collect::<Result<_, _>>()?;
     let ora_layers: Vec<OraLayer<'_>> = layers
         .iter()
         .zip(&mapped)
-        .map(|(l, m)| OraLayer {
+        .zip(&visible)
+        .map(|((l, m), &visible)| OraLayer {
             name: l.name.clone(),
             file: serde_json::to_value(l.role).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default(),
             blend: l.blend,
             opacity: l.opacity,
+            visible,
             layout: m.info.layout,
             data: &m.map[..],
         })
@@ -305,6 +312,30 @@ fn upscale(socket: &Path, autostart: bool, input: &Path, output: &Path, scale: u
         layers.iter().map(|l| l.role.label()).collect::<Vec<_>>().join(", ")
     );
     Ok(())
+}
+
+/// Waits for `job`'s result, showing its progress; Ctrl+C cancels it.
+fn wait_for(client: &mut Client, job: u64, interrupted: &AtomicBool) -> anyhow::Result<(Vec<tessera_protocol::ResultLayer>, f64)> {
+    let bar = ProgressBar::new();
+    let mut cancel_sent = false;
+    let result = loop {
+        if interrupted.load(Ordering::Relaxed) && !cancel_sent {
+            client.cancel(job)?;
+            cancel_sent = true;
+        }
+        let Some(ev) = client.next_event(Duration::from_millis(100))? else { continue };
+        match ev {
+            Event::Progress { job: j, done, total, stage, eta, .. } if j == job => bar.show(done, total, &stage, eta),
+            Event::Result { job: j, layers, seconds, .. } if j == job => break (layers, seconds),
+            Event::Error(e) if e.job == Some(job) => {
+                bar.clear();
+                bail!("{} ({})", e.message, e.hint);
+            }
+            _ => {}
+        }
+    };
+    bar.clear();
+    Ok(result)
 }
 
 /// A one-line progress bar on a terminal; silent otherwise.

@@ -1,6 +1,7 @@
 //! tesserad: client connections, pixel buffers, the job queue and worker supervision.
 //! It links no GPU code, so it starts at once and never dies with a driver.
 
+mod kept;
 mod scheduler;
 mod session;
 
@@ -131,6 +132,7 @@ pub(crate) struct Shared {
     pub token: Option<String>,
     pub next_client: AtomicU64,
     pub next_job: AtomicU64,
+    pub kept: Mutex<kept::KeptJobs>,
 }
 
 impl Shared {
@@ -181,6 +183,7 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         token,
         next_client: AtomicU64::new(1),
         next_job: AtomicU64::new(1),
+        kept: Mutex::new(kept::KeptJobs::default()),
     });
 
     // Start the worker before listening, so the first client already sees the plugins.
@@ -271,6 +274,7 @@ fn shutdown(shared: &Shared, reason: &str) -> ! {
         let _ = tx.send(Outgoing::Close);
     }
     std::thread::sleep(Duration::from_millis(100));
+    shared.kept.lock().clear();
     let mut buffers = shared.buffers.lock();
     buffers.remove_all();
     let _ = std::fs::remove_dir(buffers.dir());

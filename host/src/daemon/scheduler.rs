@@ -43,6 +43,8 @@ pub(crate) struct QueuedJob {
     pub input_id: String,
     pub input: BufSpec,
     pub outputs: Vec<JobOutput>,
+    /// Keep the job for exact renders once it finishes (its model's `exact_render`).
+    pub keep: bool,
 }
 
 struct Running {
@@ -219,6 +221,19 @@ impl Scheduler {
                     })
                     .collect();
                 tracing::info!(job, seconds, "job done");
+                if r.job.keep {
+                    let kept = super::kept::KeptJob {
+                        job,
+                        client: r.job.client,
+                        plugin: r.job.plugin.clone(),
+                        model: r.job.model.clone(),
+                        scale: r.job.scale,
+                        params_json: r.job.params_json.clone(),
+                        input: r.job.input.clone(),
+                    };
+                    let dir = self.shared.buffers.lock().dir().to_path_buf();
+                    self.shared.kept.lock().keep(kept, &dir);
+                }
                 self.shared.send(r.job.client, &Event::Result { id: r.job.req, job, layers, seconds });
             }
             FromWorker::Failed { job, cancelled, message } => {

@@ -55,6 +55,7 @@ pub(super) fn serve(shared: Arc<Shared>, client: ClientId, stream: Stream, needs
     shared.clients.lock().remove(&client);
     shared.schedule(Sched::ClientGone(client));
     shared.buffers.lock().drop_client(client);
+    shared.kept.lock().drop_client(client);
     tracing::debug!(client, "disconnected");
 }
 
@@ -109,6 +110,14 @@ impl Session {
                 .map(|buffer| Some(Event::Released { id, buffer }))
                 .map_err(|e| buffer_error(id, e)),
             Request::Submit(s) => self.submit(s).map(|()| None),
+            Request::Render(r) => self.render(r).map(|()| None),
+            Request::ReleaseJob { id, job } => {
+                if self.shared.kept.lock().release(self.client, job) {
+                    Ok(Some(Event::Ack { id }))
+                } else {
+                    Err(ErrorReply::new(Some(id), ErrorCode::UnknownJob, format!("no finished job {job} kept for exact renders on this connection")))
+                }
+            }
             Request::Cancel { id, job } => {
                 self.shared.schedule(Sched::Cancel { client: self.client, job, req: id });
                 Ok(None)
@@ -267,6 +276,51 @@ impl Session {
             input_id,
             input: input_spec,
             outputs,
+            keep: model.exact_render,
+        }));
+        Ok(())
+    }
+
+    /// An exact render of a kept job: a job of its own on the kept input, with the render's
+    /// λ in its parameters (`render`), and one `exact` output layer.
+    fn render(&self, r: tessera_protocol::Render) -> Result<(), ErrorReply> {
+        let id = r.id;
+        let err = |code, msg: String| ErrorReply::new(Some(id), code, msg);
+        let kept = self.shared.kept.lock().get(self.client, r.job).cloned().ok_or_else(|| {
+            err(ErrorCode::UnknownJob, format!("no finished job {} on this connection can be rendered exactly", r.job))
+                .with_hint("render a job that finished with a model whose exact_render is true, before release_job or the connection's end")
+        })?;
+        if !r.lambda_pix.is_finite() || !r.lambda_sem.is_finite() || r.lambda_pix.abs() > 10.0 || r.lambda_sem.abs() > 10.0 {
+            return Err(err(ErrorCode::BadParams, format!("λ_pix {} and λ_sem {} must be numbers within ±10", r.lambda_pix, r.lambda_sem)));
+        }
+        let mut params: serde_json::Map<String, serde_json::Value> = serde_json::from_str(&kept.params_json).unwrap_or_default();
+        params.insert("render".into(), serde_json::json!({"job": r.job, "lambda_pix": r.lambda_pix, "lambda_sem": r.lambda_sem}));
+        let sample = r.output_sample.unwrap_or(SampleType::F32);
+        let layout = kept.input.layout.scaled(kept.scale, sample);
+        let info = self
+            .shared
+            .buffers
+            .lock()
+            .alloc(self.client, &[layout], &self.shared.config.limits)
+            .map_err(|e| buffer_error(id, e))?
+            .remove(0);
+        self.shared.buffers.lock().set_busy(&info.id, true);
+        let name = format!("Tessera ×{} · exact λ {:.2}/{:.2}", kept.scale, r.lambda_pix, r.lambda_sem);
+        let output = JobOutput { role: LayerRole::Exact, name, info, blend: Blend::Normal, offset: 0.0 };
+        let job = self.shared.next_job.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.shared.schedule(Sched::Submit(QueuedJob {
+            job,
+            req: id,
+            client: self.client,
+            plugin: kept.plugin,
+            model: kept.model,
+            scale: kept.scale,
+            params_json: serde_json::Value::Object(params).to_string(),
+            // Not a client buffer: nothing to mark busy.
+            input_id: String::new(),
+            input: kept.input,
+            outputs: vec![output],
+            keep: false,
         }));
         Ok(())
     }

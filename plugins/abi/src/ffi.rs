@@ -10,7 +10,7 @@ use std::ffi::{c_char, c_void};
 use std::sync::atomic::AtomicBool;
 
 pub const ABI_MAJOR: u16 = 1;
-pub const ABI_MINOR: u16 = 0;
+pub const ABI_MINOR: u16 = 1;
 
 /// The one symbol a plugin exports: `extern "C" fn() -> *const TsPluginEntry`.
 pub const ENTRY_SYMBOL: &std::ffi::CStr = c"tessera_plugin_entry_v1";
@@ -32,6 +32,8 @@ pub const ENCODING_LINEAR: u32 = 1;
 pub const ROLE_BASE: u32 = 0;
 pub const ROLE_PIXEL_DETAIL: u32 = 1;
 pub const ROLE_SEMANTIC_DETAIL: u32 = 2;
+/// A whole image rendered exactly at a job's chosen parameters (ABI 1.1).
+pub const ROLE_EXACT: u32 = 3;
 
 pub const LOG_ERROR: u32 = 1;
 pub const LOG_WARN: u32 = 2;
@@ -77,6 +79,9 @@ pub struct TsJob {
     pub n_outputs: usize,
     /// Set by the host to ask the plugin to stop; check it at least once per tile.
     pub cancel: *const AtomicBool,
+    /// ABI 1.1: the daemon's id of the job, unique while the daemon runs, so an engine can
+    /// keep what a later exact render of this job needs.
+    pub job_id: u64,
 }
 
 /// Callbacks the host offers. `ctx` is passed back unchanged.

@@ -90,6 +90,7 @@ pub struct OutputBuf<'a> {
 }
 
 pub struct ProcessRequest<'a> {
+    pub job_id: u64,
     pub model: &'a str,
     pub scale: u32,
     pub params: &'a Map<String, Value>,
@@ -126,6 +127,7 @@ impl Instance {
                     LayerRole::Base => ffi::ROLE_BASE,
                     LayerRole::PixelDetail => ffi::ROLE_PIXEL_DETAIL,
                     LayerRole::SemanticDetail => ffi::ROLE_SEMANTIC_DETAIL,
+                    LayerRole::Exact => ffi::ROLE_EXACT,
                 },
                 buffer: ts_buffer(&out.layout, out.data.as_mut_ptr(), out.data.len(), out.offset),
             });
@@ -143,6 +145,7 @@ impl Instance {
             outputs: outputs.as_ptr(),
             n_outputs: outputs.len(),
             cancel: req.cancel as *const AtomicBool,
+            job_id: req.job_id,
         };
         let mut ctx = Ctx { progress: req.progress, plugin: &self.plugin };
         let host = host_table(&mut ctx as *mut Ctx as *mut c_void);

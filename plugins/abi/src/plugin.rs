@@ -62,6 +62,8 @@ impl HostCalls<'_> {
 }
 
 pub struct Job<'a> {
+    /// The daemon's id of this job (ABI 1.1).
+    pub id: u64,
     pub model: String,
     pub scale: u32,
     pub params: Map<String, Value>,
@@ -187,6 +189,7 @@ unsafe fn job_from_ffi<'a>(job: &'a TsJob, host: &'a TsHost) -> Result<Job<'a>, 
             ffi::ROLE_BASE => LayerRole::Base,
             ffi::ROLE_PIXEL_DETAIL => LayerRole::PixelDetail,
             ffi::ROLE_SEMANTIC_DETAIL => LayerRole::SemanticDetail,
+            ffi::ROLE_EXACT => LayerRole::Exact,
             r => return Err(fail(format!("unknown layer role code {r}"))),
         };
         let layout = layout_of(&out.buffer).map_err(fail)?;
@@ -195,6 +198,7 @@ unsafe fn job_from_ffi<'a>(job: &'a TsJob, host: &'a TsHost) -> Result<Job<'a>, 
         outputs.push((role, ImageMut::new(layout, out.buffer.offset, data)));
     }
     Ok(Job {
+        id: job.job_id,
         model,
         scale: job.scale,
         params,

@@ -53,6 +53,8 @@ impl Base {
                     LayerRole::Base => img.write_row(y0 + dy, base),
                     LayerRole::PixelDetail => img.write_row(y0 + dy, &pix_row),
                     LayerRole::SemanticDetail => img.write_row(y0 + dy, &sem_row),
+                    // The cnn models render no separate exact image.
+                    LayerRole::Exact => {}
                 }
             }
         });

@@ -28,10 +28,30 @@ const SCALE: usize = 4;
 /// The command that installs the model, for errors.
 pub const IMPORT_COMMAND: &str = "tessera models import pisa --base SD21_BASE_DIR --checkpoint pisa_sr.pkl";
 
+/// Finished jobs' latents kept for exact renders, newest last; the daemon keeps up to 8 jobs
+/// per client for renders, and a job whose latents were dropped here is run again.
+const KEPT_LATENTS: usize = 8;
+
 pub struct Pisa {
     store: PathBuf,
     device: Device,
     loaded: Option<(String, PisaModel)>,
+    kept: std::collections::VecDeque<(u64, Latents)>,
+}
+
+/// What a render request (`params.render`, set by the daemon) asks for.
+struct RenderRequest {
+    job: u64,
+    lambda_pix: f64,
+    lambda_sem: f64,
+}
+
+impl RenderRequest {
+    fn from_params(params: &serde_json::Map<String, Value>) -> Result<Option<RenderRequest>, EngineError> {
+        let Some(r) = params.get("render") else { return Ok(None) };
+        let num = |k: &str| r.get(k).and_then(Value::as_f64).ok_or_else(|| EngineError::Failed(format!("render request without `{k}`")));
+        Ok(Some(RenderRequest { job: r.get("job").and_then(Value::as_u64).unwrap_or(0), lambda_pix: num("lambda_pix")?, lambda_sem: num("lambda_sem")? }))
+    }
 }
 
 fn describe_model() -> Value {
@@ -67,7 +87,7 @@ impl Engine for Pisa {
 
     fn create(config: &Value) -> Result<Self, String> {
         let store = config.get("model_store").and_then(Value::as_str).map(PathBuf::from).ok_or("the host passed no model_store directory")?;
-        Ok(Pisa { store, device: Device::Cpu, loaded: None })
+        Ok(Pisa { store, device: Device::Cpu, loaded: None, kept: Default::default() })
     }
 
     fn process(&mut self, job: &mut Job<'_>) -> Result<(), EngineError> {
@@ -89,6 +109,7 @@ impl Engine for Pisa {
         }
         let (_, model) = self.loaded.as_ref().expect("loaded above");
         let pipe = Pipeline { model, ctx: Ctx { lora: None, attention_bytes: attention_mb << 20 } };
+        let render = RenderRequest::from_params(&job.params)?;
 
         let base = base_image(job);
         let bicubic = base.rgb();
@@ -97,24 +118,44 @@ impl Engine for Pisa {
             job.calls.progress(done, stages, stage);
             Ok(())
         };
-        step(0, "encode")?;
-        let z_l = pipe.encode(&bicubic).map_err(fail("encode"))?;
-        step(1, "unet")?;
-        let (eps_pix, eps_full) = pipe.predict(&z_l, adjustable).map_err(fail("unet"))?;
-        let latents = Latents { width: bicubic.width, height: bicubic.height, z_l, eps_pix, eps_full };
+        // An exact render starts from the job's kept latents; a job, or a render whose
+        // latents are gone (or lack ε_pix), runs the encoder and the UNet.
+        let kept = render.as_ref().and_then(|r| self.kept.iter().find(|(id, _)| *id == r.job)).map(|(_, l)| l.clone());
+        let needs_pix = render.as_ref().is_some_and(|r| r.lambda_pix != 1.0 || r.lambda_sem != 1.0);
+        let latents = match kept {
+            Some(l) if l.eps_pix.is_some() || !needs_pix => l,
+            _ => {
+                step(0, "encode")?;
+                let z_l = pipe.encode(&bicubic).map_err(fail("encode"))?;
+                step(1, "unet")?;
+                let (eps_pix, eps_full) = pipe.predict(&z_l, adjustable || render.is_some()).map_err(fail("unet"))?;
+                Latents { width: bicubic.width, height: bicubic.height, z_l, eps_pix, eps_full }
+            }
+        };
         step(2, "decode")?;
         let decode = |lp, ls| pipe.render(&latents, lp, ls, ColourFix::None, &bicubic).map_err(fail("decode"));
-        let x_full = decode(1.0, 1.0)?;
-        let x_pix = if adjustable { Some(decode(1.0, 0.0)?) } else { None };
-        step(3, "colour fix")?;
-        let mut x_full = x_full;
-        fix.apply(&mut x_full, &bicubic);
-        let x_pix = x_pix.map(|mut x| {
+        if let Some(r) = &render {
+            let mut x = decode(r.lambda_pix, r.lambda_sem)?;
+            step(3, "colour fix")?;
             fix.apply(&mut x, &bicubic);
-            x
-        });
-        step(4, "layers")?;
-        write_layers(job, &base, x_pix.as_ref(), &x_full);
+            step(4, "layers")?;
+            write_exact(job, &base, &x);
+        } else {
+            let mut x_full = decode(1.0, 1.0)?;
+            let mut x_pix = if adjustable { Some(decode(1.0, 0.0)?) } else { None };
+            step(3, "colour fix")?;
+            fix.apply(&mut x_full, &bicubic);
+            if let Some(x) = &mut x_pix {
+                fix.apply(x, &bicubic);
+            }
+            step(4, "layers")?;
+            write_layers(job, &base, x_pix.as_ref(), &x_full);
+            self.kept.retain(|(id, _)| *id != job.id);
+            self.kept.push_back((job.id, latents));
+            while self.kept.len() > KEPT_LATENTS {
+                self.kept.pop_front();
+            }
+        }
         job.calls.progress(stages, stages, "done");
         Ok(())
     }
@@ -132,29 +173,39 @@ pub struct Base {
 }
 
 impl Base {
-    /// Its colour as RGB planes (grey repeated) clamped to [0, 1], the model's input and
-    /// colour reference (PiSA-SR's is an 8-bit image, so bicubic overshoot never reaches it).
+    /// Its colour as RGB planes (grey repeated), the model's input and colour reference.
     pub fn rgb(&self) -> Planes {
         let (w, h, c) = (self.width, self.height, self.channels);
         let colour = c - self.alpha as usize;
         let mut data = vec![0f32; 3 * w * h];
         for i in 0..w * h {
             for ch in 0..3 {
-                data[ch * w * h + i] = self.data[i * c + ch.min(colour - 1)].clamp(0.0, 1.0);
+                data[ch * w * h + i] = self.data[i * c + ch.min(colour - 1)];
             }
         }
         Planes { width: w, height: h, data }
     }
 }
 
-/// The classic engine's bicubic ×4, the same base every engine returns.
+/// The classic engine's bicubic ×4, its colour clamped to [0, 1]: the image the model starts
+/// from (PiSA-SR's is 8-bit), so that base + pixel + semantic detail is the model's picture
+/// also where bicubic overshoots.
 pub fn base_image(job: &Job<'_>) -> Base {
     let l = job.input.layout;
     let (ow, oh) = (l.width as usize * SCALE, l.height as usize * SCALE);
     let c = l.channels as usize;
+    let colour = c - l.alpha as usize;
     let resampler = Resampler::new(&l, ow, oh, Filter::Bicubic);
     let mut data = vec![0f32; ow * oh * c];
-    resampler.band(&job.input, 0, oh, &mut Scratch::default(), |dy, row| data[dy * ow * c..(dy + 1) * ow * c].copy_from_slice(row));
+    resampler.band(&job.input, 0, oh, &mut Scratch::default(), |dy, row| {
+        let out = &mut data[dy * ow * c..(dy + 1) * ow * c];
+        out.copy_from_slice(row);
+        for px in out.chunks_exact_mut(c) {
+            for v in &mut px[..colour] {
+                *v = v.clamp(0.0, 1.0);
+            }
+        }
+    });
     Base { width: ow, height: oh, channels: c, alpha: l.alpha, data }
 }
 
@@ -200,7 +251,29 @@ fn write_layers(job: &mut Job<'_>, base: &Base, x_pix: Option<&Planes>, x_full: 
                 LayerRole::Base => img.write_row(y, row),
                 LayerRole::PixelDetail => img.write_row(y, &pix),
                 LayerRole::SemanticDetail => img.write_row(y, &sem),
+                LayerRole::Exact => {}
             }
+        }
+    }
+}
+
+/// The exact render `x` as the job's one `exact` output: its colour (grey documents get the
+/// mean of the model's RGB), the base's alpha.
+fn write_exact(job: &mut Job<'_>, base: &Base, x: &Planes) {
+    let (w, c) = (base.width, base.channels);
+    let colour = c - base.alpha as usize;
+    let mut row = vec![0f32; w * c];
+    for y in 0..base.height {
+        for px in 0..w {
+            for ch in 0..colour {
+                row[px * c + ch] = if colour >= 3 { x.at(ch, px, y) } else { (x.at(0, px, y) + x.at(1, px, y) + x.at(2, px, y)) / 3.0 };
+            }
+            if base.alpha {
+                row[px * c + c - 1] = base.data[(y * w + px) * c + c - 1];
+            }
+        }
+        if let Some(img) = job.output(LayerRole::Exact) {
+            img.write_row(y, &row);
         }
     }
 }

@@ -1,0 +1,173 @@
+"""The pisa engine through the real daemon and the real Python client, on the small
+SD2.1-structured model of tests/fixtures/pisa imported the way a user imports the real one
+(`tessera models import pisa --base DIR --checkpoint FILE`): layers and exact renders equal
+to PyTorch's PiSA-SR maths (tests/parity/make_pisa_fixtures.py), the one-pass default mode,
+progress stages, errors that name what to do, and a worker that dies between job and render."""
+
+import json
+import os
+import signal
+import struct
+import time
+import zipfile
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from harness import ROOT, Daemon, exe, tessera_cli
+from test_daemon import as_array, upload
+
+FIX = os.path.join(ROOT, "tests", "fixtures", "pisa")
+
+
+def read_safetensors(path):
+    """Every f32 tensor and the metadata of a safetensors file."""
+    raw = open(path, "rb").read()
+    n = struct.unpack("<Q", raw[:8])[0]
+    header = json.loads(raw[8:8 + n])
+    meta = header.pop("__metadata__", {})
+    out = {}
+    for k, v in header.items():
+        a, b = v["data_offsets"]
+        out[k] = np.frombuffer(raw[8 + n + a:8 + n + b], dtype=np.float32).reshape(v["shape"])
+    return out, meta
+
+
+REF, META = read_safetensors(os.path.join(FIX, "reference.safetensors"))
+LAMBDAS = json.loads(META["lambdas"])
+
+
+def hwc(t):
+    """(1, 3, h, w) → (h, w, 3)."""
+    return np.transpose(t[0], (1, 2, 0)).astype(np.float64)
+
+
+@pytest.fixture(scope="module")
+def pisa_store(tmp_path_factory):
+    path = tmp_path_factory.mktemp("pisa-models")
+    env = dict(os.environ, TESSERA_MODEL_DIR=str(path))
+    r = tessera_cli(env, "models", "import", "pisa", "--base", os.path.join(FIX, "sd21-tiny"),
+                    "--checkpoint", os.path.join(FIX, "pisa_sr_tiny.pkl"))
+    assert r.returncode == 0, r.stderr
+    assert "258 LoRA modules per family" in r.stderr
+    return path
+
+
+@pytest.fixture(scope="module")
+def daemon(tmp_path_factory, pisa_store):
+    d = Daemon(tmp_path_factory.mktemp("pisa") / "rt", env={"TESSERA_MODEL_DIR": str(pisa_store)})
+    yield d
+    d.stop()
+
+
+def lr():
+    return np.asarray(Image.open(os.path.join(FIX, "lr.png")).convert("RGB"))
+
+
+def test_layers_are_pytorchs_pisa_sr(daemon):
+    stages = []
+    with daemon.client() as c:
+        buf = upload(c, lr(), "u8")
+        layers = c.submit("pisa", 4, buf, output_sample="f32").wait(timeout=300, progress=lambda ev: stages.append(ev["stage"]))
+        assert [l.role for l in layers] == ["base", "pixel_detail", "semantic_detail"]
+        base, pix, sem = (as_array(l.buffer).astype(np.float64) for l in layers)
+    # pixel detail = x(1, 0) − base and semantic detail = x(1, 1) − x(1, 0), each AdaIN-fixed.
+    x_pix, x_full = hwc(REF["x_adain.%d" % LAMBDAS.index([1, 0])]), hwc(REF["x_adain.%d" % LAMBDAS.index([1, 1])])
+    assert np.abs(base + pix - x_pix).max() <= 1e-3
+    assert np.abs(base + pix + sem - x_full).max() <= 1e-3
+    for stage in ("encode", "unet", "decode", "colour fix"):
+        assert stage in stages, stages
+
+
+def test_exact_render_at_every_lambda(daemon):
+    with daemon.client() as c:
+        buf = upload(c, lr(), "u8")
+        job = c.submit("pisa", 4, buf, output_sample="f32")
+        layers = job.wait(timeout=300)
+        c.release(buf)  # the daemon keeps what the renders need
+        x_full = sum(as_array(l.buffer).astype(np.float64) for l in layers)
+        for k, (lp, ls) in enumerate(LAMBDAS):
+            (exact,) = c.render(job, lp, ls, output_sample="f32").wait(timeout=300)
+            assert exact.role == "exact" and exact.blend == "normal"
+            assert "exact λ" in exact.name
+            x = as_array(exact.buffer).astype(np.float64)
+            assert np.abs(x - hwc(REF["x_adain.%d" % k])).max() <= 1e-3, (lp, ls)
+            if (lp, ls) == (1, 1):
+                # The exact render at the job's own λ is the job's picture.
+                assert np.abs(x - x_full).max() <= 1e-4
+        c.release_job(job)
+        with pytest.raises(Exception) as e:
+            c.render(job, 1.0, 1.0).wait(timeout=60)
+        assert "unknown_job" in str(e.value) or "rendered exactly" in str(e.value)
+
+
+def test_wavelet_colour_fix_and_default_mode(daemon):
+    with daemon.client() as c:
+        buf = upload(c, lr(), "u8")
+        k = LAMBDAS.index([1, 1])
+        layers = c.submit("pisa", 4, buf, params={"color_fix": "wavelet"}, output_sample="f32").wait(timeout=300)
+        total = sum(as_array(l.buffer).astype(np.float64) for l in layers)
+        assert np.abs(total - hwc(REF["x_wavelet.%d" % k])).max() <= 1e-3
+        # One pass (ε_full alone): all the detail in the pixel layer, none in the semantic one.
+        job = c.submit("pisa", 4, buf, params={"mode": "default"}, output_sample="f32")
+        base, pix, sem = (as_array(l.buffer).astype(np.float64) for l in job.wait(timeout=300))
+        assert np.abs(base + pix - hwc(REF["x_adain.%d" % k])).max() <= 1e-3
+        assert np.abs(sem).max() == 0.0
+        # Its exact render at other λ runs the UNet for ε_pix, and is still exact.
+        i = LAMBDAS.index([1.2, 0.8])
+        (exact,) = c.render(job, 1.2, 0.8, output_sample="f32").wait(timeout=300)
+        assert np.abs(as_array(exact.buffer) - hwc(REF["x_adain.%d" % i])).max() <= 1e-3
+
+
+def test_render_after_the_worker_died(daemon):
+    """The worker's kept latents die with it; the daemon's kept input lets the new worker
+    render the same picture."""
+    with daemon.client() as c:
+        buf = upload(c, lr(), "u8")
+        job = c.submit("pisa", 4, buf, output_sample="f32")
+        job.wait(timeout=300)
+        c.release(buf)
+        pid = c.list()["workers"][0]["pid"]
+        os.kill(pid, signal.SIGKILL)
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            workers = c.list()["workers"]
+            if workers and workers[0].get("pid") not in (None, pid) and workers[0].get("state") != "starting":
+                break
+            time.sleep(0.2)
+        k = LAMBDAS.index([0.5, 0.25])
+        (exact,) = c.render(job, 0.5, 0.25, output_sample="f32").wait(timeout=300)
+        assert np.abs(as_array(exact.buffer) - hwc(REF["x_adain.%d" % k])).max() <= 1e-3
+
+
+def test_cli_adds_the_exact_render_as_a_hidden_layer(daemon, pisa_store, tmp_path):
+    env = dict(os.environ, TESSERA_MODEL_DIR=str(pisa_store), TESSERA_RUNTIME_DIR=str(daemon.runtime))
+    out = tmp_path / "out.ora"
+    r = tessera_cli(env, "upscale", os.path.join(FIX, "lr.png"), "-o", str(out), "--model", "pisa",
+                    "--param", "lambda_pix=1.2", "--param", "lambda_sem=0.8", "--png-dir", str(tmp_path / "png"))
+    assert r.returncode == 0, r.stderr
+    with zipfile.ZipFile(out) as z:
+        stack = z.read("stack.xml").decode()
+    assert 'name="Tessera ×4 · exact λ 1.20/0.80" src="data/exact.png" composite-op="svg:src-over" opacity="1.000" visibility="hidden"' in stack
+    exact = np.asarray(Image.open(tmp_path / "png" / "exact.png").convert("RGB"), dtype=np.float64) / 255
+    k = LAMBDAS.index([1.2, 0.8])
+    assert np.abs(exact - hwc(REF["x_adain.%d" % k])).max() <= 0.5 / 255 + 1e-3
+    # The composite is the job's picture, the hidden exact layer left out, wherever the
+    # residuals fit 8-bit storage as 0.5 + R (the random test model's often do not).
+    png = lambda name: np.asarray(Image.open(tmp_path / "png" / name).convert("RGB"), dtype=np.int64)
+    comp = png("composite.png") / 255
+    fits = np.all([(png(n) > 0) & (png(n) < 255) for n in ("pixel_detail.png", "semantic_detail.png")], axis=0)
+    assert fits.mean() > 0.5
+    x_full = hwc(REF["x_adain.%d" % LAMBDAS.index([1, 1])])
+    assert np.abs(comp - x_full)[fits].max() <= 2.5 / 255
+
+
+def test_missing_model_names_the_import_command(tmp_path):
+    with Daemon(tmp_path / "rt", env={"TESSERA_MODEL_DIR": str(tmp_path / "empty")}) as d, d.client() as c:
+        buf = upload(c, lr(), "u8")
+        with pytest.raises(Exception) as e:
+            c.submit("pisa", 4, buf).wait(timeout=60)
+        assert "tessera models import pisa --base" in str(e.value)
+    r = tessera_cli(dict(os.environ, TESSERA_MODEL_DIR=str(tmp_path / "empty")), "models", "list")
+    assert "pisa" in r.stdout and "tessera models import pisa" in r.stdout
