@@ -56,6 +56,17 @@ pub struct ModelInfo {
     /// Whether the engine can re-render exactly at chosen (λ_pix, λ_sem) without a model pass.
     #[serde(default)]
     pub exact_render: bool,
+    /// Other layer sets for some parameter values (pisa's one-pass mode returns base and one
+    /// detail layer); the first whose parameter has its value wins, else `layers`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub layers_when: Vec<LayersWhen>,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct LayersWhen {
+    pub param: String,
+    pub value: Value,
+    pub layers: Vec<LayerRole>,
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
@@ -106,6 +117,11 @@ impl ParamKind {
 }
 
 impl ModelInfo {
+    /// The layers a job with these (resolved) parameters returns.
+    pub fn layers_for(&self, params: &Map<String, Value>) -> &[LayerRole] {
+        self.layers_when.iter().find(|w| params.get(&w.param) == Some(&w.value)).map_or(&self.layers, |w| &w.layers)
+    }
+
     /// Checks `params` against the declared parameters and fills in defaults. Unknown names
     /// are refused so that a typo never silently runs with the default.
     pub fn resolve_params(&self, params: &Map<String, Value>) -> Result<Map<String, Value>, String> {
@@ -144,6 +160,17 @@ mod tests {
             ]
         }))
         .unwrap()
+    }
+
+    #[test]
+    fn layers_follow_a_parameter() {
+        let mut m = model();
+        m.layers = vec![LayerRole::Base, LayerRole::PixelDetail, LayerRole::SemanticDetail];
+        m.layers_when = vec![LayersWhen { param: "filter".into(), value: json!("bicubic"), layers: vec![LayerRole::Base] }];
+        let p = m.resolve_params(&Map::new()).unwrap();
+        assert_eq!(m.layers_for(&p).len(), 3);
+        let p = m.resolve_params(json!({"filter": "bicubic"}).as_object().unwrap()).unwrap();
+        assert_eq!(m.layers_for(&p), [LayerRole::Base]);
     }
 
     #[test]

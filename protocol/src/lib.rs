@@ -7,7 +7,7 @@ pub mod frame;
 pub mod layout;
 pub mod messages;
 
-pub use describe::{LayerRole, ModelInfo, ParamInfo, ParamKind, PluginInfo};
+pub use describe::{LayerRole, LayersWhen, ModelInfo, ParamInfo, ParamKind, PluginInfo};
 pub use frame::{read_frame, write_frame, FrameError, MAX_FRAME_LEN};
 pub use layout::{ColorEncoding, Layout, LayoutError, LayoutRequest, Limits, SampleType};
 pub use messages::*;

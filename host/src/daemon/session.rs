@@ -243,7 +243,8 @@ impl Session {
             r.message = format!("the ×{} result would be too large: {}", s.scale, r.message);
             r
         })?;
-        let layouts = vec![out_layout; model.layers.len()];
+        let roles = model.layers_for(&params).to_vec();
+        let layouts = vec![out_layout; roles.len()];
         let infos = buffers.alloc(self.client, &layouts, &self.shared.config.limits).map_err(|e| buffer_error(id, e))?;
         buffers.set_busy(&input_id, true);
         for info in &infos {
@@ -251,8 +252,9 @@ impl Session {
         }
         drop(buffers);
 
-        let outputs = model
-            .layers
+        // With a single detail layer it holds all the detail, whatever its role says.
+        let one_detail = roles.iter().filter(|r| r.is_residual()).count() == 1;
+        let outputs = roles
             .iter()
             .zip(infos)
             .map(|(&role, info)| {
@@ -261,7 +263,8 @@ impl Session {
                     _ if sample.is_integer() => (Blend::GrainMerge, 0.5),
                     _ => (Blend::Addition, 0.0),
                 };
-                JobOutput { role, name: format!("Tessera ×{} · {}", s.scale, role.label()), info, blend, offset }
+                let label = if one_detail && role.is_residual() { "detail" } else { role.label() };
+                JobOutput { role, name: format!("Tessera ×{} · {label}", s.scale), info, blend, offset }
             })
             .collect();
         let job = self.shared.next_job.fetch_add(1, std::sync::atomic::Ordering::Relaxed);

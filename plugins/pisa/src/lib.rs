@@ -61,10 +61,11 @@ fn describe_model() -> Value {
         "description": format!("Stable Diffusion 2.1-base with PiSA-SR's pixel- and semantic-level LoRA: pixel detail from the pixel LoRA alone, semantic detail from adding the semantic LoRA. Install with `{IMPORT_COMMAND}`."),
         "scales": [4],
         "layers": ["base", "pixel_detail", "semantic_detail"],
+        "layers_when": [{"param": "mode", "value": "default", "layers": ["base", "pixel_detail"]}],
         "exact_render": true,
         "parameters": [
             {"name": "mode", "kind": "choice", "default": "adjustable", "choices": ["adjustable", "default"],
-             "description": "adjustable: one UNet batch of two (ε_pix and ε_full) and the pixel and semantic layers; default: PiSA-SR's one pass (ε_full), faster, all detail in the pixel-detail layer and none in the semantic one."},
+             "description": "adjustable: one UNet batch of two (ε_pix and ε_full) and the pixel and semantic layers; default: PiSA-SR's one pass (ε_full), faster: base and one detail layer (x_full − base)."},
             {"name": "color_fix", "kind": "choice", "default": "adain", "choices": ["adain", "wavelet", "none"],
              "description": "Colour correction of each decoded image against the bicubic image, with whole-image statistics (PiSA-SR's default: adain)."},
             {"name": "attention_mb", "kind": "int", "default": 256, "min": 1, "max": 65536,
@@ -209,8 +210,9 @@ pub fn base_image(job: &Job<'_>) -> Base {
     Base { width: ow, height: oh, channels: c, alpha: l.alpha, data }
 }
 
-/// Writes base, `x_pix − base` and `x_full − x_pix` (or `x_full − base` and nothing, without
-/// `x_pix`) into the job's outputs; grey documents get the mean of the model's RGB.
+/// Writes base, `x_pix − base` and `x_full − x_pix` into the job's outputs, or without `x_pix`
+/// (one-pass mode: base and one detail layer) `x_full − base`; grey documents get the mean of
+/// the model's RGB.
 fn write_layers(job: &mut Job<'_>, base: &Base, x_pix: Option<&Planes>, x_full: &Planes) {
     let (w, c) = (base.width, base.channels);
     let colour = c - base.alpha as usize;
