@@ -121,14 +121,16 @@ def test_wavelet_colour_fix_and_default_mode(daemon):
         assert np.abs(as_array(exact.buffer) - hwc(REF["x_adain.%d" % i])).max() <= 1e-3
 
 
-def test_render_after_the_worker_died(daemon):
-    """The worker's kept latents die with it; the daemon's kept input lets the new worker
-    render the same picture."""
+def test_render_on_another_connection_after_the_worker_died(daemon):
+    """Editors connect once per job: a job outlives its connection. The worker's kept
+    latents die with it; the daemon's kept input lets the new worker render the same
+    picture."""
     with daemon.client() as c:
         buf = upload(c, lr(), "u8")
         job = c.submit("pisa", 4, buf, output_sample="f32")
         job.wait(timeout=300)
-        c.release(buf)
+        job_id = job.job
+    with daemon.client() as c:
         pid = c.list()["workers"][0]["pid"]
         os.kill(pid, signal.SIGKILL)
         deadline = time.time() + 60
@@ -138,7 +140,7 @@ def test_render_after_the_worker_died(daemon):
                 break
             time.sleep(0.2)
         k = LAMBDAS.index([0.5, 0.25])
-        (exact,) = c.render(job, 0.5, 0.25, output_sample="f32").wait(timeout=300)
+        (exact,) = c.render(job_id, 0.5, 0.25, output_sample="f32").wait(timeout=300)
         assert np.abs(as_array(exact.buffer) - hwc(REF["x_adain.%d" % k])).max() <= 1e-3
 
 

@@ -224,7 +224,6 @@ impl Scheduler {
                 if r.job.keep {
                     let kept = super::kept::KeptJob {
                         job,
-                        client: r.job.client,
                         plugin: r.job.plugin.clone(),
                         model: r.job.model.clone(),
                         scale: r.job.scale,

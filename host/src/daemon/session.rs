@@ -55,7 +55,6 @@ pub(super) fn serve(shared: Arc<Shared>, client: ClientId, stream: Stream, needs
     shared.clients.lock().remove(&client);
     shared.schedule(Sched::ClientGone(client));
     shared.buffers.lock().drop_client(client);
-    shared.kept.lock().drop_client(client);
     tracing::debug!(client, "disconnected");
 }
 
@@ -112,10 +111,10 @@ impl Session {
             Request::Submit(s) => self.submit(s).map(|()| None),
             Request::Render(r) => self.render(r).map(|()| None),
             Request::ReleaseJob { id, job } => {
-                if self.shared.kept.lock().release(self.client, job) {
+                if self.shared.kept.lock().release(job) {
                     Ok(Some(Event::Ack { id }))
                 } else {
-                    Err(ErrorReply::new(Some(id), ErrorCode::UnknownJob, format!("no finished job {job} kept for exact renders on this connection")))
+                    Err(ErrorReply::new(Some(id), ErrorCode::UnknownJob, format!("no finished job {job} is kept for exact renders")))
                 }
             }
             Request::Cancel { id, job } => {
@@ -289,9 +288,11 @@ impl Session {
     fn render(&self, r: tessera_protocol::Render) -> Result<(), ErrorReply> {
         let id = r.id;
         let err = |code, msg: String| ErrorReply::new(Some(id), code, msg);
-        let kept = self.shared.kept.lock().get(self.client, r.job).cloned().ok_or_else(|| {
-            err(ErrorCode::UnknownJob, format!("no finished job {} on this connection can be rendered exactly", r.job))
-                .with_hint("render a job that finished with a model whose exact_render is true, before release_job or the connection's end")
+        let kept = self.shared.kept.lock().get(r.job).cloned().ok_or_else(|| {
+            err(ErrorCode::UnknownJob, format!("no finished job {} can be rendered exactly", r.job)).with_hint(format!(
+                "render a job that finished with a model whose exact_render is true; tesserad keeps the last {} until release_job (and forgets them when it restarts): run the job again",
+                super::kept::MAX_KEPT
+            ))
         })?;
         if !r.lambda_pix.is_finite() || !r.lambda_sem.is_finite() || r.lambda_pix.abs() > 10.0 || r.lambda_sem.abs() > 10.0 {
             return Err(err(ErrorCode::BadParams, format!("λ_pix {} and λ_sem {} must be numbers within ±10", r.lambda_pix, r.lambda_sem)));

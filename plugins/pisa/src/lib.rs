@@ -28,9 +28,9 @@ const SCALE: usize = 4;
 /// The command that installs the model, for errors.
 pub const IMPORT_COMMAND: &str = "tessera models import pisa --base SD21_BASE_DIR --checkpoint pisa_sr.pkl";
 
-/// Finished jobs' latents kept for exact renders, newest last; the daemon keeps up to 8 jobs
-/// per client for renders, and a job whose latents were dropped here is run again.
-const KEPT_LATENTS: usize = 8;
+/// Finished jobs' latents kept for exact renders, newest last; the daemon keeps up to 16 jobs
+/// for renders, and a job whose latents were dropped here is run again.
+const KEPT_LATENTS: usize = 16;
 
 pub struct Pisa {
     store: PathBuf,
