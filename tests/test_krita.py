@@ -17,7 +17,7 @@ import pytest
 import time
 
 from harness import ROOT, Daemon, bin_dir
-from test_gimp import daemon_x_full, picture
+from test_gimp import daemon_render, daemon_x_full, picture
 
 RIG_DIR = os.environ.get("TESSERA_RIG_DIR") or "/var/tmp/tessera-rigs"
 RIG = os.environ.get("TESSERA_KRITA_RIG") or next(
@@ -127,6 +127,26 @@ def test_8bit_upscale_matches_the_daemon_sliders_blend_and_exact_renders(variant
     back = {l["name"].split("· ")[-1]: l for l in report["layers_after_moving_back"]}
     assert not back["exact λ 0.40"]["visible"] and back["semantic detail"]["visible"]
     assert back["semantic detail"]["opacity"] == round(255 * 0.6)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_render_exact_with_pisa_is_the_daemons_render_at_both_sliders(variant, tmp_path, plugin_dir, pisa_store):
+    report, pixels = run_krita(variant, tmp_path, plugin_dir, pisa_store, {
+        "input": picture(tmp_path / "in.png", "RGB"), "engine": "pisa", "model": "pisa", "exact": True})
+    assert report["job"].startswith("done"), (report["job"], report["message"])
+    assert report["annotation"]["model"] == "pisa"
+    # Render exact at (λ_pix, λ_sem) = (1.0, 0.4): PiSA-SR's picture from the job's latents, a
+    # Normal layer over the hidden linear semantic detail.
+    assert report["exact_enabled"] and report["exact_job"].startswith("done"), (report["exact_job"], report["exact_message"])
+    exact = {l["name"].split("· ")[-1]: l for l in report["layers_after_exact"]}
+    top = exact["exact λ 1.00/0.40"]
+    assert top["visible"] and top["opacity"] == 255 and top["blend"] == "normal"
+    assert not exact["semantic detail"]["visible"]
+    want = daemon_render(pisa_store, pixels("src", 40, 32), 1.0, 0.4)
+    got = pixels("exact", 160, 128)
+    assert np.abs(got[..., :3] * 255 - np.round(np.clip(want[..., :3], 0, 1) * 255)).max() <= 1.0 + 1e-3
+    back = {l["name"].split("· ")[-1]: l for l in report["layers_after_moving_back"]}
+    assert not back["exact λ 1.00/0.40"]["visible"] and back["semantic detail"]["visible"]
 
 
 @pytest.mark.parametrize("variant", VARIANTS)

@@ -44,17 +44,6 @@ def hwc(t):
 
 
 @pytest.fixture(scope="module")
-def pisa_store(tmp_path_factory):
-    path = tmp_path_factory.mktemp("pisa-models")
-    env = dict(os.environ, TESSERA_MODEL_DIR=str(path))
-    r = tessera_cli(env, "models", "import", "pisa", "--base", os.path.join(FIX, "sd21-tiny"),
-                    "--checkpoint", os.path.join(FIX, "pisa_sr_tiny.pkl"))
-    assert r.returncode == 0, r.stderr
-    assert "258 LoRA modules per family" in r.stderr
-    return path
-
-
-@pytest.fixture(scope="module")
 def daemon(tmp_path_factory, pisa_store):
     d = Daemon(tmp_path_factory.mktemp("pisa") / "rt", env={"TESSERA_MODEL_DIR": str(pisa_store)})
     yield d

@@ -59,7 +59,7 @@ while docker.model.count() == 0 and time.monotonic() < deadline:
     rig_wait(100)
 report["status"] = docker.status.text()
 assert docker.model.count() > 0, "no models listed: " + docker.status.text()
-index = docker.model.findData("cnn/" + spec.get("model", "srgan-pair"))
+index = docker.model.findData(spec.get("engine", "cnn") + "/" + spec.get("model", "srgan-pair"))
 assert index >= 0
 docker.model.setCurrentIndex(index)
 docker.scale.setValue(spec.get("scale", 4))

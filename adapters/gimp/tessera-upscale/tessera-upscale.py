@@ -110,11 +110,17 @@ def connect(tc):
 def run_job(client, settings, width, height, channels, pixels, sample, progress):
     """Runs one job on the daemon and returns its layers as (layer info, bytes), bottom first.
     Nothing here touches the document, so any failure leaves it as it was."""
-    params = exact_params(client, settings) if settings.get("exact") else None
+    tc = _import_client()
+    kind, params = exact_params(client, settings) if settings.get("exact") else (None, None)
     buf = client.alloc(width, height, channels, sample="f32")
     buf.write_pixels(pixels)
     job = client.submit(settings["model"], settings["scale"], buf, params=params, plugin=settings["engine"], output_sample=sample)
     layers = job.wait(progress=progress)
+    if kind == tc.BY_RENDER:
+        # The whole picture at (λ_pix, λ_sem) = the two opacities, from the job's latents.
+        render = client.render(job, settings["pixel_opacity"] / 100.0, settings["semantic_opacity"] / 100.0, output_sample=sample)
+        layers = layers + render.wait(progress=progress)
+        client.release_job(job)
     out = [(layer, layer.buffer.read_pixels()) for layer in layers]
     for layer in layers:
         client.release(layer.buffer)
@@ -123,17 +129,19 @@ def run_job(client, settings, width, height, channels, pixels, sample, progress)
 
 
 def exact_params(client, settings):
-    """Job parameters that render the semantic detail exactly at λ_sem = the semantic
-    opacity, instead of blending it linearly (`tessera_client.exact_render_params`)."""
+    """How the job renders exactly at the opacities' λ instead of blending linearly
+    (`tessera_client.exact_render_kind`): (kind, job parameters)."""
     tc = _import_client()
     for plugin in client.list()["plugins"]:
         if settings["engine"] not in (None, plugin["id"]):
             continue
         for model in plugin["models"]:
             if model["id"] == settings["model"]:
-                params = tc.exact_render_params(model, settings["semantic_opacity"] / 100.0)
-                if params is not None:
-                    return params
+                kind = tc.exact_render_kind(model)
+                if kind == tc.BY_RENDER:
+                    return kind, None
+                if kind == tc.BY_PARAMS:
+                    return kind, tc.exact_render_params(model, settings["semantic_opacity"] / 100.0)
     raise Failure("%s offers no exact render; leave \"exact λ\" off and blend the semantic "
                   "detail with its layer opacity." % settings["model"])
 
@@ -157,12 +165,15 @@ def add_result(target, parent, position, offsets, space, settings, drawable, lay
     group = Gimp.GroupLayer.new(target, group_name(drawable, settings, settings["scale"]))
     target.insert_layer(group, parent, position)
     group.set_offsets(*offsets)
-    # With an exact render λ_sem is already in the pixels: the layer shows it at full opacity.
-    semantic = 100.0 if settings.get("exact") else settings["semantic_opacity"]
+    # With an exact render by parameters λ_sem is already in the semantic pixels: the layer
+    # shows it at full opacity. A rendered exact picture goes on top, Normal, and covers the
+    # linear blend below it.
+    rendered = any(info.role == "exact" for info, _ in layers)
+    semantic = 100.0 if settings.get("exact") and not rendered else settings["semantic_opacity"]
     opacity = {"pixel_detail": settings["pixel_opacity"], "semantic_detail": semantic}
     for info, data in layers:
         w, h = int(info.buffer.layout["width"]), int(info.buffer.layout["height"])
-        residual = info.role != "base"
+        residual = info.role in ("pixel_detail", "semantic_detail")
         alpha = space.alpha and not residual
         if residual and space.alpha:
             data = without_alpha(data, space.channels, space.sample)
@@ -184,11 +195,12 @@ def add_result(target, parent, position, offsets, space, settings, drawable, lay
             layer.set_blend_space(space.color_space())
             layer.set_composite_space(space.color_space())
             layer.set_composite_mode(Gimp.LayerCompositeMode.CLIP_TO_BACKDROP)
-            if mask is not None:
-                m = layer.create_mask(Gimp.AddMaskType.WHITE)
-                layer.add_mask(m)
-                m.get_buffer().set(Gegl.Rectangle.new(0, 0, w, h), "Y float", mask)
-                m.get_buffer().flush()
+        if info.role != "base" and mask is not None:
+            # The selection limits the detail, and the exact picture that carries it.
+            m = layer.create_mask(Gimp.AddMaskType.WHITE)
+            layer.add_mask(m)
+            m.get_buffer().set(Gegl.Rectangle.new(0, 0, w, h), "Y float", mask)
+            m.get_buffer().flush()
         layer.update(0, 0, w, h)
     record = dict(settings, source=drawable.get_name())
     group.attach_parasite(Gimp.Parasite.new(PARASITE, Gimp.PARASITE_PERSISTENT, list(json.dumps(record).encode())))
@@ -321,7 +333,7 @@ class TesseraUpscale(Gimp.PlugIn):
         p.add_boolean_argument("new-image", "Open a new image", "Put the result in a new image instead of scaling this one", False, RW)
         p.add_double_argument("pixel-opacity", "Pixel detail opacity", "Initial opacity of the pixel detail layer", 0.0, 100.0, 100.0, RW)
         p.add_double_argument("semantic-opacity", "Semantic detail opacity", "Initial opacity of the semantic detail layer", 0.0, 100.0, 100.0, RW)
-        p.add_boolean_argument("exact", "Exact λ", "Render the semantic detail exactly at its opacity (where the model offers it) instead of blending linearly", False, RW)
+        p.add_boolean_argument("exact", "Exact λ", "Render exactly at the opacities' λ instead of blending linearly, where the model offers it (srgan-pair: the interpolated network as semantic detail; pisa: PiSA-SR's picture at λ_pix, λ_sem on top)", False, RW)
         p.add_image_return_value("result-image", "Result image", "The image that holds the result", False, RW)
         return p
 

@@ -76,6 +76,43 @@ class Run(threading.Thread):
             threading.Thread(target=job.cancel, name="tessera-cancel", daemon=True).start()
 
 
+class RenderRun(Run):
+    """An exact render of a finished job by the daemon (models whose exact render is a
+    `render` request: PiSA-SR, from the job's kept latents) at `lambdas` = (λ_pix, λ_sem).
+    Where the daemon has forgotten the job (it restarted), the job runs again on the pixels it
+    was made from first; the picture is the same."""
+
+    def __init__(self, settings, source, pixels, job_id, lambdas, exact):
+        super().__init__(settings, source, pixels, None, exact=exact)
+        self.job_id, self.lambdas = job_id, lambdas
+
+    def run(self):
+        tc = import_client()
+        try:
+            with tc.Client.connect(client=CLIENT_NAME, timeout=60.0) as client:
+                w, h, channels, sample, result_sample = self.size
+                try:
+                    self.job = client.render(self.job_id, *self.lambdas, output_sample=result_sample)
+                except tc.TesseraError as e:
+                    if e.code != "unknown_job":
+                        raise
+                    buf = client.alloc(w, h, channels, sample=sample)
+                    buf.write_pixels(self.pixels)
+                    s = self.settings
+                    again = client.submit(s["model"], s["scale"], buf, plugin=s["engine"], output_sample=result_sample)
+                    again.wait()
+                    self.job = client.render(again, *self.lambdas, output_sample=result_sample)
+                self.events.put(("queued", self.job.id))
+                for ev in self.job.events():
+                    if ev.get("type") == "progress":
+                        self.events.put(("progress", ev))
+                layers = [(l.role, l.name, l.blend, int(l.buffer.layout["width"]), int(l.buffer.layout["height"]),
+                           l.buffer.read_pixels()) for l in self.job.layers]
+                self.events.put(("result", layers, None))
+        except tc.TesseraError as e:
+            self.events.put(("error", e))
+
+
 class Result(object):
     """A result in a document: its group of layers and the run that made it (whose input
     pixels an exact render uses again; the document may have been scaled since)."""
@@ -231,17 +268,25 @@ class TesseraDocker(DockWidget):
             self.progress.setFormat("cancelling")
 
     def render_exact(self):
-        """Renders the last result's semantic detail again at the slider's λ_sem, from the
-        pixels it was made from, and puts it in place of the linear blend."""
+        """Renders the last result exactly at the sliders' λ and puts it in place of the
+        linear blend: srgan-pair's semantic detail from the network interpolated at λ_sem, run
+        on the pixels the result was made from; PiSA-SR's whole picture at (λ_pix, λ_sem),
+        which the daemon renders from the job's latents."""
         last = self.last
         if last is None or not last.alive():
             self.say("The last result is gone; upscale again.")
             return
+        tc = import_client()
         semantic = self.semantic_slider.value() / 100.0
         r = last.run
-        params = import_client().exact_render_params(self.exact_models[model_key(r.settings)], semantic)
-        run = Run(dict(r.settings, semantic_opacity=100.0 * semantic), r.source, r.pixels, None,
-                  params=params, exact=(last, semantic))
+        model = self.exact_models[model_key(r.settings)]
+        if tc.exact_render_kind(model) == tc.BY_RENDER:
+            pixel = self.pixel_slider.value() / 100.0
+            run = RenderRun(r.settings, r.source, r.pixels, r.job.job, (pixel, semantic), exact=(last, semantic))
+        else:
+            params = tc.exact_render_params(model, semantic)
+            run = Run(dict(r.settings, semantic_opacity=100.0 * semantic), r.source, r.pixels, None,
+                      params=params, exact=(last, semantic))
         self.jobs.insertItem(0, "queued: exact λ %.2f, %s on %s" % (semantic, r.settings["model"], r.source.node.name()))
         self.start(run)
 
@@ -296,7 +341,7 @@ class TesseraDocker(DockWidget):
                 for m in plugin["models"]:
                     key = "%s/%s" % (plugin["id"], m["id"])
                     self.model.addItem("%s (%s)" % (m["name"], plugin["name"]), key)
-                    if import_client().exact_render_params(m, 1.0) is not None:
+                    if import_client().exact_render_kind(m) is not None:
                         self.exact_models[key] = m
             index = self.model.findData("cnn/srgan-pair")
             if index >= 0:

@@ -173,18 +173,28 @@ def add_detail_layer(doc, group, below, source, name, blend, opacity, mask, w, h
 
 
 def write_exact(doc, group, source, layers, mask, semantic):
-    """Puts an exact render's semantic detail (the network interpolated at λ_sem = `semantic`,
-    0..1) above the linear one, at full opacity, and hides the linear one; an earlier exact
-    layer goes. Raises Failure, touching nothing, if the result group has lost its layers."""
+    """Puts an exact render above the linear semantic detail, at full opacity, and hides the
+    linear one; an earlier exact layer goes. The render is srgan-pair's semantic detail (the
+    network interpolated at λ_sem = `semantic`, 0..1) or PiSA-SR's whole picture (role
+    `exact`). Raises Failure, touching nothing, if the result group has lost its layers."""
     detail = detail_layers(group)
     linear = detail.get("semantic_detail")
-    exact = [l for l in layers if l[0] == "semantic_detail"]
+    exact = [l for l in layers if l[0] in ("semantic_detail", "exact")]
     if linear is None or not exact:
         raise Failure("The result has no semantic detail layer to replace any more; upscale again.")
-    _, name, blend, w, h, data = exact[0]
+    role, name, blend, w, h, data = exact[0]
     if "semantic_exact" in detail:
         detail["semantic_exact"].remove()
-    add_detail_layer(doc, group, linear, source, "%s · exact λ %.2f" % (name, semantic), blend, 100.0, mask, w, h, data)
+    if role == "exact":
+        # A whole picture (PiSA-SR at λ_pix, λ_sem, named so by the daemon): Normal, on top
+        # of the linear blend, limited by the selection like the detail it carries.
+        layer = doc.createNode(name, "paintlayer")
+        group.addChildNode(layer, linear)
+        if mask is not None and can_mask(doc):
+            add_mask(doc, layer, mask, w, h)
+        layer.setPixelData(to_layer_bytes(source, data, False), 0, 0, w, h)
+    else:
+        add_detail_layer(doc, group, linear, source, "%s · exact λ %.2f" % (name, semantic), blend, 100.0, mask, w, h, data)
     linear.setVisible(False)
     doc.refreshProjection()
     doc.waitForDone()

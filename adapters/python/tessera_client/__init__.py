@@ -19,7 +19,7 @@ from .client import Client, Job
 from .errors import DaemonNotFound, TesseraError
 from .frame import MAX_FRAME_LEN, FrameError
 from .messages import PROTOCOL_VERSION
-from .models import exact_render_params
+from .models import BY_PARAMS, BY_RENDER, exact_render_kind, exact_render_params
 from .paths import (find_daemon, log_path, read_token, runtime_dir, socket_path, start_daemon,
                     token_path)
 
@@ -36,6 +36,9 @@ __all__ = [
     "PROTOCOL_VERSION",
     "TesseraError",
     "exact_render_params",
+    "exact_render_kind",
+    "BY_PARAMS",
+    "BY_RENDER",
     "find_daemon",
     "log_path",
     "read_token",
