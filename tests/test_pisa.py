@@ -163,3 +163,48 @@ def test_missing_model_names_the_import_command(tmp_path):
         assert "tessera models import pisa --base" in str(e.value)
     r = tessera_cli(dict(os.environ, TESSERA_MODEL_DIR=str(tmp_path / "empty")), "models", "list")
     assert "pisa" in r.stdout and "tessera models import pisa" in r.stdout
+
+
+@pytest.mark.parametrize("channels", [2, 4])
+def test_alpha_is_upscaled_never_generated(daemon, channels):
+    rng = np.random.default_rng(5)
+    src = rng.random((13, 19, channels)).astype(np.float32)
+    src[:, :5, -1] = 0.0
+    with daemon.client() as c:
+        buf = upload(c, src, "f32")
+        layers = c.submit("pisa", 4, buf, output_sample="f32").wait(timeout=300)
+        base, pix, sem = (as_array(l.buffer).astype(np.float64) for l in layers)
+        (classic,) = c.submit("classic", 4, buf, params={"filter": "bicubic"}).wait(timeout=60)
+        ref = as_array(classic.buffer)
+        # base is the classic bicubic, its colour clamped to the [0, 1] the model starts from.
+        assert np.abs(base[..., -1] - ref[..., -1]).max() <= 1e-6
+        assert np.abs(base[..., :-1] - np.clip(ref[..., :-1], 0, 1)).max() <= 1e-6
+        assert np.array_equal(pix[..., -1], base[..., -1]) and np.array_equal(sem[..., -1], base[..., -1])
+
+
+def test_cancel_stops_between_stages_and_a_dead_worker_fails_one_job(daemon):
+    """A larger layer takes the small model a few seconds: a cancel ends it with `cancelled`;
+    a worker killed mid-job (as out of memory would) fails that job alone."""
+    rng = np.random.default_rng(6)
+    src = rng.random((160, 160, 3)).astype(np.float32)
+    with daemon.client() as c:
+        buf = upload(c, src, "f32")
+        job = c.submit("pisa", 4, buf, params={"attention_mb": 4})
+        for ev in job.events(timeout=300):
+            if ev.get("type") == "progress" and ev.get("stage") == "unet":
+                c.cancel(job)
+                break
+        with pytest.raises(Exception) as e:
+            job.wait(timeout=300)
+        assert "cancel" in str(e.value)
+        job = c.submit("pisa", 4, buf, params={"attention_mb": 4})
+        for ev in job.events(timeout=300):
+            if ev.get("type") == "progress" and ev.get("stage") == "unet":
+                os.kill(c.list()["workers"][0]["pid"], signal.SIGKILL)
+                break
+        with pytest.raises(Exception) as e:
+            job.wait(timeout=300)
+        assert "worker" in str(e.value) and "died" in str(e.value)
+        # The next job runs on the new worker.
+        small = upload(c, lr(), "u8")
+        assert len(c.submit("pisa", 4, small).wait(timeout=300)) == 3
