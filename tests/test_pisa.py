@@ -208,3 +208,24 @@ def test_cancel_stops_between_stages_and_a_dead_worker_fails_one_job(daemon):
         # The next job runs on the new worker.
         small = upload(c, lr(), "u8")
         assert len(c.submit("pisa", 4, small).wait(timeout=300)) == 3
+
+
+def test_a_model_imported_under_its_own_id_runs(tmp_path):
+    store = tmp_path / "models"
+    env = dict(os.environ, TESSERA_MODEL_DIR=str(store))
+    r = tessera_cli(env, "models", "import", "pisa", "--base", os.path.join(FIX, "sd21-tiny"),
+                    "--checkpoint", os.path.join(FIX, "pisa_sr_tiny.pkl"), "--id", "my-finetune")
+    assert r.returncode == 0, r.stderr
+    listed = tessera_cli(env, "models", "list").stdout
+    assert "my-finetune" in listed and "[installed: PiSA-SR imported from" in listed
+    with Daemon(tmp_path / "rt", env={"TESSERA_MODEL_DIR": str(store)}) as d, d.client() as c:
+        models = {m["id"]: m for p in c.list()["plugins"] if p["id"] == "pisa" for m in p["models"]}
+        assert models["my-finetune"]["exact_render"] and "my-finetune" in models["my-finetune"]["name"]
+        buf = upload(c, lr(), "u8")
+        layers = c.submit("my-finetune", 4, buf, output_sample="f32").wait(timeout=300)
+        total = sum(as_array(l.buffer).astype(np.float64) for l in layers)
+        assert np.abs(total - hwc(REF["x_adain.%d" % LAMBDAS.index([1, 1])])).max() <= 1e-3
+        # `pisa` itself is not imported in this store: the error says how to import it.
+        with pytest.raises(Exception) as e:
+            c.submit("pisa", 4, buf).wait(timeout=60)
+        assert "tessera models import pisa --base" in str(e.value)

@@ -136,6 +136,30 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
+    /// The plugins' models, and every PiSA-SR model imported under an id of its own
+    /// (`tessera models import pisa --id ID`: a fine-tune beside the original), which the
+    /// pisa plugin runs like its `pisa` model. The store is read each time, so an import shows
+    /// without a restart.
+    pub fn plugins(&self) -> Vec<PluginInfo> {
+        let mut plugins = self.plugins.read().clone();
+        let pisa = crate::models::imported::PISA;
+        if let Some(p) = plugins.iter_mut().find(|p| p.id == pisa) {
+            if let Some(template) = p.models.iter().find(|m| m.id == pisa).cloned() {
+                for id in crate::models::imported::installed_pisa(&crate::models::store::store_dir()) {
+                    if !p.models.iter().any(|m| m.id == id) {
+                        p.models.push(tessera_protocol::ModelInfo {
+                            name: format!("{} · {id}", template.name),
+                            description: format!("PiSA-SR weights imported as `{id}`. {}", template.description),
+                            id,
+                            ..template.clone()
+                        });
+                    }
+                }
+            }
+        }
+        plugins
+    }
+
     /// Queues an event for a client; a client that has left is silently skipped.
     pub fn send(&self, client: ClientId, event: &Event) {
         if let Some(tx) = self.clients.lock().get(&client) {

@@ -97,7 +97,7 @@ impl Session {
             Request::Ping { id } => Ok(Some(Event::Pong { id })),
             Request::List { id } => Ok(Some(Event::Listing {
                 id,
-                plugins: self.shared.plugins.read().clone(),
+                plugins: self.shared.plugins(),
                 workers: self.shared.workers.lock().clone(),
             })),
             Request::Alloc { id, layout } => self.alloc(id, layout).map(Some),
@@ -163,7 +163,7 @@ impl Session {
             id,
             protocol: PROTOCOL_VERSION,
             daemon: format!("tesserad {}", env!("CARGO_PKG_VERSION")),
-            plugins: self.shared.plugins.read().clone(),
+            plugins: self.shared.plugins(),
             limits: self.shared.config.limits,
             capabilities: vec!["shm-file".into(), "progress".into(), "cancel".into()],
         });
@@ -186,7 +186,7 @@ impl Session {
         let id = s.id;
         let err = |code, msg: String| ErrorReply::new(Some(id), code, msg);
         let (plugin, model) = {
-            let plugins = self.shared.plugins.read();
+            let plugins = self.shared.plugins();
             let found = plugins.iter().find_map(|p| p.models.iter().find(|m| m.id == s.model).map(|m| (p.id.clone(), m.clone())));
             match (&s.plugin, found) {
                 (Some(want), _) if !plugins.iter().any(|p| &p.id == want) => {

@@ -265,7 +265,7 @@ impl ClipConfig {
         if !matches!(self.hidden_act.as_str(), "gelu" | "quick_gelu") {
             return Err(ModelError::Config { path: path.to_path_buf(), why: format!("hidden_act `{}` is neither gelu nor quick_gelu", self.hidden_act) });
         }
-        if self.num_attention_heads == 0 || self.hidden_size % self.num_attention_heads != 0 {
+        if self.num_attention_heads == 0 || !self.hidden_size.is_multiple_of(self.num_attention_heads) {
             return Err(ModelError::Config { path: path.to_path_buf(), why: "hidden_size must divide into num_attention_heads".into() });
         }
         Ok(())

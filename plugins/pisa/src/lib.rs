@@ -92,8 +92,10 @@ impl Engine for Pisa {
     }
 
     fn process(&mut self, job: &mut Job<'_>) -> Result<(), EngineError> {
-        if job.model != MODEL || job.scale as usize != SCALE {
-            return Err(EngineError::Failed(format!("pisa has no model `{}` at ×{}", job.model, job.scale)));
+        // Any model id the daemon routes here is a store entry imported as PiSA-SR (`pisa`, or
+        // a fine-tune imported with --id).
+        if job.scale as usize != SCALE {
+            return Err(EngineError::Failed(format!("pisa runs at ×4, not ×{}", job.scale)));
         }
         let fail = |stage: &'static str| move |e: candle_core::Error| EngineError::Failed(format!("{stage}: {e}"));
         let adjustable = job.param_str("mode") != Some("default");
@@ -105,7 +107,7 @@ impl Engine for Pisa {
             job.calls.progress(0, stages, "loading");
             let dir = self.store.join(&job.model);
             let model = PisaModel::load(&dir, &self.device)
-                .map_err(|e| EngineError::Failed(format!("cannot load the pisa model from {}: {e}; install it with `{IMPORT_COMMAND}`", dir.display())))?;
+                .map_err(|e| EngineError::Failed(format!("cannot load the PiSA-SR model `{}` from {}: {e}; import it again (`{IMPORT_COMMAND}`)", job.model, dir.display())))?;
             self.loaded = Some((job.model.clone(), model));
         }
         let (_, model) = self.loaded.as_ref().expect("loaded above");
