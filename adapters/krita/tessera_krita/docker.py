@@ -53,12 +53,7 @@ class Run(threading.Thread):
                 s = self.settings
                 self.job = client.submit(s["model"], s["scale"], buf, plugin=s["engine"], params=self.params,
                                          output_sample=result_sample)
-                self.events.put(("queued", self.job.id))
-                for ev in self.job.events():
-                    if ev.get("type") == "progress":
-                        self.events.put(("progress", ev))
-                layers = [(l.role, l.name, l.blend, int(l.buffer.layout["width"]), int(l.buffer.layout["height"]),
-                           l.buffer.read_pixels()) for l in self.job.layers]
+                layers = self.follow()
                 mask = None
                 if self.selection is not None:
                     # The selection, upscaled like the image, masks the detail layers.
@@ -69,6 +64,16 @@ class Run(threading.Thread):
                 self.events.put(("result", layers, mask))
         except tc.TesseraError as e:
             self.events.put(("error", e))
+
+    def follow(self):
+        """Passes `self.job`'s progress on and returns its layers as (role, name, blend, width,
+        height, bytes), bottom first."""
+        self.events.put(("queued", self.job.id))
+        for ev in self.job.events():
+            if ev.get("type") == "progress":
+                self.events.put(("progress", ev))
+        return [(l.role, l.name, l.blend, int(l.buffer.layout["width"]), int(l.buffer.layout["height"]),
+                 l.buffer.read_pixels()) for l in self.job.layers]
 
     def cancel(self):
         job = self.job
@@ -102,13 +107,7 @@ class RenderRun(Run):
                     again = client.submit(s["model"], s["scale"], buf, plugin=s["engine"], output_sample=result_sample)
                     again.wait()
                     self.job = client.render(again, *self.lambdas, output_sample=result_sample)
-                self.events.put(("queued", self.job.id))
-                for ev in self.job.events():
-                    if ev.get("type") == "progress":
-                        self.events.put(("progress", ev))
-                layers = [(l.role, l.name, l.blend, int(l.buffer.layout["width"]), int(l.buffer.layout["height"]),
-                           l.buffer.read_pixels()) for l in self.job.layers]
-                self.events.put(("result", layers, None))
+                self.events.put(("result", self.follow(), None))
         except tc.TesseraError as e:
             self.events.put(("error", e))
 

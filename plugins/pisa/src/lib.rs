@@ -125,14 +125,14 @@ impl Engine for Pisa {
         // latents are gone (or lack ε_pix), runs the encoder and the UNet.
         let kept = render.as_ref().and_then(|r| self.kept.iter().find(|(id, _)| *id == r.job)).map(|(_, l)| l.clone());
         let needs_pix = render.as_ref().is_some_and(|r| r.lambda_pix != 1.0 || r.lambda_sem != 1.0);
-        let latents = match kept {
-            Some(l) if l.eps_pix.is_some() || !needs_pix => l,
+        let (latents, fresh) = match kept {
+            Some(l) if l.eps_pix.is_some() || !needs_pix => (l, false),
             _ => {
                 step(0, "encode")?;
                 let z_l = pipe.encode(&bicubic).map_err(fail("encode"))?;
                 step(1, "unet")?;
                 let (eps_pix, eps_full) = pipe.predict(&z_l, adjustable || render.is_some()).map_err(fail("unet"))?;
-                Latents { width: bicubic.width, height: bicubic.height, z_l, eps_pix, eps_full }
+                (Latents { width: bicubic.width, height: bicubic.height, z_l, eps_pix, eps_full }, true)
             }
         };
         step(2, "decode")?;
@@ -153,14 +153,24 @@ impl Engine for Pisa {
             }
             step(4, "layers")?;
             write_layers(job, &base, x_pix.as_ref(), &x_full);
-            self.kept.retain(|(id, _)| *id != job.id);
-            self.kept.push_back((job.id, latents));
-            while self.kept.len() > KEPT_LATENTS {
-                self.kept.pop_front();
-            }
+        }
+        // A job's latents, or those a render had to compute again, serve the next renders.
+        if fresh {
+            let id = render.as_ref().map_or(job.id, |r| r.job);
+            self.keep(id, latents);
         }
         job.calls.progress(stages, stages, "done");
         Ok(())
+    }
+}
+
+impl Pisa {
+    fn keep(&mut self, job: u64, latents: Latents) {
+        self.kept.retain(|(id, _)| *id != job);
+        self.kept.push_back((job, latents));
+        while self.kept.len() > KEPT_LATENTS {
+            self.kept.pop_front();
+        }
     }
 }
 

@@ -1,0 +1,120 @@
+//! How long PiSA-SR takes at Stable Diffusion 2.1-base's real size on this machine, stage by
+//! stage: the networks are built from SD2.1-base's own configs with random weights and random
+//! rank-4 LoRA on all 258 modules of both families (the maths and the cost are the weights'
+//! shapes, not their values), and the pipeline runs as a job does.
+//!
+//! cargo run --release -p tessera-pisa --example bench -- [WIDTH HEIGHT] [--default]
+//! (input size in pixels, default 128 128: a 512×512 result)
+
+use std::collections::HashMap;
+use std::time::Instant;
+
+use candle_core::{Device, Tensor};
+use tessera_pisa::colour::ColourFix;
+use tessera_pisa::pipeline::{Latents, Pipeline, Planes};
+use tessera_pisa_model::checkpoint::{self, PisaLora};
+use tessera_pisa_model::config::{UNetConfig, VaeConfig};
+use tessera_pisa_model::error::ModelError;
+use tessera_pisa_model::nn::Ctx;
+use tessera_pisa_model::store::{self, PisaModel};
+use tessera_pisa_model::unet::UNet;
+use tessera_pisa_model::vae::Vae;
+use tessera_pisa_model::weights::Weights;
+
+const UNET: &str = r#"{"act_fn": "silu", "attention_head_dim": [5, 10, 20, 20], "block_out_channels": [320, 640, 1280, 1280],
+ "center_input_sample": false, "cross_attention_dim": 1024, "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+ "downsample_padding": 1, "dual_cross_attention": false, "flip_sin_to_cos": true, "freq_shift": 0, "in_channels": 4, "layers_per_block": 2,
+ "mid_block_scale_factor": 1, "norm_eps": 1e-05, "norm_num_groups": 32, "out_channels": 4, "sample_size": 64,
+ "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"], "use_linear_projection": true}"#;
+const VAE: &str = r#"{"act_fn": "silu", "block_out_channels": [128, 256, 512, 512], "down_block_types": ["DownEncoderBlock2D", "DownEncoderBlock2D", "DownEncoderBlock2D", "DownEncoderBlock2D"],
+ "in_channels": 3, "latent_channels": 4, "layers_per_block": 2, "norm_num_groups": 32, "out_channels": 3, "sample_size": 768, "scaling_factor": 0.18215,
+ "up_block_types": ["UpDecoderBlock2D", "UpDecoderBlock2D", "UpDecoderBlock2D", "UpDecoderBlock2D"]}"#;
+
+/// Random weights for every tensor `build` asks for: each missing tensor is made with the shape
+/// the error names (N(0, 1/fan_in); norms' scales 1) until the network builds.
+fn random_weights<T>(build: impl Fn(&Weights) -> Result<T, ModelError>) -> (Weights, T) {
+    let dev = Device::Cpu;
+    let mut tensors: HashMap<String, Tensor> = HashMap::new();
+    loop {
+        let w = Weights::new("random", tensors.clone());
+        match build(&w) {
+            Ok(net) => return (w, net),
+            Err(ModelError::Missing { key, expected, .. }) => {
+                let fan_in: usize = expected.iter().skip(1).product::<usize>().max(1);
+                let t = if key.contains("norm") && key.ends_with("weight") {
+                    Tensor::ones(expected.as_slice(), candle_core::DType::F32, &dev)
+                } else if key.ends_with("bias") || key.contains("norm") {
+                    Tensor::zeros(expected.as_slice(), candle_core::DType::F32, &dev)
+                } else {
+                    Tensor::randn(0f32, (1.0 / fan_in as f32).sqrt(), expected.as_slice(), &dev)
+                };
+                tensors.insert(key, t.expect("random tensor"));
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+}
+
+fn rss_mib(field: &str) -> f64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status.lines().find(|l| l.starts_with(field)).and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok()).unwrap_or(0.0) / 1024.0
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let adjustable = !args.iter().any(|a| a == "--default");
+    let nums: Vec<usize> = args.iter().filter_map(|a| a.parse().ok()).collect();
+    let (w, h) = (nums.first().copied().unwrap_or(128), nums.get(1).copied().unwrap_or(128));
+    let dev = Device::Cpu;
+    let unet_cfg: UNetConfig = serde_json::from_str(UNET).unwrap();
+    let vae_cfg: VaeConfig = serde_json::from_str(VAE).unwrap();
+
+    let t = Instant::now();
+    let (unet_w, _) = random_weights(|w| UNet::load(&w.root(), None, &unet_cfg));
+    let mut lora_tensors = Vec::new();
+    for module in checkpoint::target_modules(&unet_w.used_keys()) {
+        let shape = unet_w.get(&format!("{module}.weight")).unwrap().dims().to_vec();
+        let mut a = shape.clone();
+        a[0] = 4;
+        let b: Vec<usize> = if shape.len() == 4 { vec![shape[0], 4, 1, 1] } else { vec![shape[0], 4] };
+        let group = checkpoint::group_of(&module);
+        for fam in ["pix", "sem"] {
+            lora_tensors.push((format!("{module}.lora_A.default_{group}_{fam}.weight"), Tensor::randn(0f32, 0.01, a.as_slice(), &dev).unwrap()));
+            lora_tensors.push((format!("{module}.lora_B.default_{group}_{fam}.weight"), Tensor::randn(0f32, 0.01, b.as_slice(), &dev).unwrap()));
+        }
+    }
+    let lora = PisaLora::from_tensors(lora_tensors, "random", &dev).unwrap();
+    let unet = store::build_unet(&unet_w, &unet_cfg, lora).unwrap();
+    drop(unet_w);
+    let (_, vae) = random_weights(|w| Vae::load(&w.root(), &vae_cfg));
+    let embedding = Tensor::randn(0f32, 1.0, (1, 77, 1024), &dev).unwrap();
+    let model = PisaModel { unet, vae, embedding };
+    eprintln!("built SD2.1-base-sized networks with random weights and LoRA in {:.1} s (RSS {:.0} MiB)", t.elapsed().as_secs_f64(), rss_mib("VmRSS:"));
+
+    let (ow, oh) = (4 * w, 4 * h);
+    let bicubic = Planes { width: ow, height: oh, data: (0..3 * ow * oh).map(|i| ((i * 7919) % 1000) as f32 / 1000.0).collect() };
+    let pipe = Pipeline { model: &model, ctx: Ctx::default() };
+    let before = rss_mib("VmHWM:");
+    let t = Instant::now();
+    let z_l = pipe.encode(&bicubic).unwrap();
+    let encode = t.elapsed().as_secs_f64();
+    let t = Instant::now();
+    let (eps_pix, eps_full) = pipe.predict(&z_l, adjustable).unwrap();
+    let unet_s = t.elapsed().as_secs_f64();
+    let latents = Latents { width: ow, height: oh, z_l, eps_pix, eps_full };
+    let t = Instant::now();
+    let mut x = pipe.render(&latents, 1.0, 1.0, ColourFix::None, &bicubic).unwrap();
+    let decode = t.elapsed().as_secs_f64();
+    let t = Instant::now();
+    ColourFix::AdaIn.apply(&mut x, &bicubic);
+    let fix = t.elapsed().as_secs_f64();
+    let decodes = if adjustable { 2.0 } else { 1.0 };
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    println!("pisa {w}×{h} → {ow}×{oh}, {} mode, {threads} threads, f32 CPU", if adjustable { "adjustable (UNet batch of 2)" } else { "default (one pass)" });
+    println!("  encode      {encode:8.2} s");
+    println!("  unet        {unet_s:8.2} s");
+    println!("  decode      {decode:8.2} s  (×{decodes} per job: x_full and x_pix; an exact render is one)");
+    println!("  colour fix  {fix:8.3} s");
+    println!("  job total   {:8.2} s", encode + unet_s + decodes * decode + decodes * fix);
+    println!("  peak RSS    {:8.0} MiB (weights and set-up {before:.0} MiB)", rss_mib("VmHWM:"));
+}
