@@ -23,7 +23,6 @@ pub mod lora;
 pub mod rrdbnet;
 pub mod srresnet;
 mod tiled;
-pub mod tiling;
 pub mod winograd;
 
 use std::path::{Path, PathBuf};

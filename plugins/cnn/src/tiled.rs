@@ -7,7 +7,7 @@ use candle_core::{Device, Tensor};
 use tessera_plugin_abi::{EngineError, Job};
 
 use crate::layers_out::LayerSink;
-use crate::tiling;
+use tessera_tiling as tiling;
 use crate::Network;
 
 pub struct Tiled {

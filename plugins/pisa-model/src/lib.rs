@@ -8,6 +8,7 @@ pub mod clip;
 pub mod config;
 pub mod error;
 pub mod nn;
+pub mod norm;
 pub mod unet;
 pub mod vae;
 pub mod weights;

@@ -6,9 +6,10 @@
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Mutex;
 
-use candle_core::{DType, Module, Tensor, D};
+use candle_core::{DType, Tensor, D};
 
 use crate::error::{ModelError, Result};
+pub use crate::norm::GroupNorm;
 use crate::weights::Vb;
 
 /// What a forward pass needs besides its input.
@@ -20,11 +21,17 @@ pub struct Ctx {
     /// The most bytes one attention score matrix may take; queries are processed in chunks
     /// that fit (at least one query row at a time).
     pub attention_bytes: usize,
+    /// Statistics shared by the GroupNorms of a tiled pass (the VAE's); `None`: each forward
+    /// normalises with its own input's.
+    pub norm: Option<std::sync::Arc<crate::norm::SharedNorm>>,
+    /// The most bytes a convolution's unfolded input (candle's im2col: input channels × k² per
+    /// output pixel) may take; larger convolutions run in bands of output rows.
+    pub conv_bytes: usize,
 }
 
 impl Default for Ctx {
     fn default() -> Ctx {
-        Ctx { lora: None, attention_bytes: 256 << 20 }
+        Ctx { lora: None, attention_bytes: 256 << 20, norm: None, conv_bytes: 128 << 20 }
     }
 }
 
@@ -188,23 +195,48 @@ impl Conv2d {
     }
 
     pub fn forward(&self, x: &Tensor, ctx: &Ctx) -> candle_core::Result<Tensor> {
-        let mut y = x.conv2d(&self.w, self.padding, self.stride, 1, 1)?;
+        let mut y = banded_conv(x, &self.w, self.padding, self.stride, ctx.conv_bytes)?;
         if let Some(b) = &self.b {
             y = y.broadcast_add(&b.reshape((1, (), 1, 1))?)?;
         }
         if let (Some(ad), Some(scales)) = (&self.lora, &ctx.lora) {
             let batch = x.dim(0)?;
-            let extra = x.conv2d(&ad.a, self.padding, self.stride, 1, 1)?.conv2d(&ad.b, 0, 1, 1, 1)?;
+            let extra = banded_conv(x, &ad.a, self.padding, self.stride, ctx.conv_bytes)?.conv2d(&ad.b, 0, 1, 1, 1)?;
             y = (y + extra.broadcast_mul(&(scales * ad.scale)?.reshape((batch, 1, 1, 1))?)?)?;
         }
         Ok(y)
     }
 }
 
-pub fn group_norm(vb: &Vb, groups: usize, channels: usize, eps: f64) -> Result<candle_nn::GroupNorm> {
-    let w = vb.get("weight", &[channels])?;
-    let b = vb.get("bias", &[channels])?;
-    Ok(candle_nn::GroupNorm::new(w, b, channels, groups, eps)?)
+/// `x.conv2d(w, padding, stride)`, in bands of output rows whose unfolded input stays within
+/// `bytes` (each band padded with the zeros the whole would see, so the result is the same).
+pub fn banded_conv(x: &Tensor, w: &Tensor, padding: usize, stride: usize, bytes: usize) -> candle_core::Result<Tensor> {
+    let (b, c, h, wd) = x.dims4()?;
+    let k = w.dim(2)?;
+    if h + 2 * padding < k {
+        return x.conv2d(w, padding, stride, 1, 1);
+    }
+    let (ho, wo) = ((h + 2 * padding - k) / stride + 1, (wd + 2 * padding - k) / stride + 1);
+    let unfolded = b * c * k * k * ho * wo * DType::F32.size_in_bytes();
+    if k == 1 || unfolded <= bytes {
+        return x.conv2d(w, padding, stride, 1, 1);
+    }
+    let rows = (ho * bytes / unfolded).clamp(1, ho);
+    let mut bands = Vec::with_capacity(ho.div_ceil(rows));
+    for r0 in (0..ho).step_by(rows) {
+        let r1 = (r0 + rows).min(ho);
+        // Input rows r0·s − p .. (r1 − 1)·s − p + k, the part outside the image zeros.
+        let (lo, hi) = ((r0 * stride) as isize - padding as isize, ((r1 - 1) * stride + k) as isize - padding as isize);
+        let (top, bottom) = ((-lo).max(0) as usize, (hi - h as isize).max(0) as usize);
+        let (lo, hi) = (lo.max(0) as usize, (hi as usize).min(h));
+        let band = x.narrow(2, lo, hi - lo)?.pad_with_zeros(2, top, bottom)?.pad_with_zeros(3, padding, padding)?;
+        bands.push(band.conv2d(w, 0, stride, 1, 1)?);
+    }
+    Tensor::cat(&bands, 2)
+}
+
+pub fn group_norm(vb: &Vb, groups: usize, channels: usize, eps: f64) -> Result<GroupNorm> {
+    GroupNorm::load(vb, groups, channels, eps)
 }
 
 pub fn layer_norm(vb: &Vb, channels: usize, eps: f64) -> Result<candle_nn::LayerNorm> {
@@ -241,8 +273,8 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, mask: Option<
 }
 
 /// GroupNorm then SiLU, the step before most convolutions here.
-pub fn norm_silu(norm: &candle_nn::GroupNorm, x: &Tensor) -> candle_core::Result<Tensor> {
-    norm.forward(x)?.silu()
+pub fn norm_silu(norm: &GroupNorm, x: &Tensor, ctx: &Ctx) -> candle_core::Result<Tensor> {
+    norm.forward(x, ctx.norm.as_ref())?.silu()
 }
 
 /// Splits the last dimension in two halves (GEGLU's value and gate).
@@ -258,5 +290,27 @@ pub fn pad_for_downsample(x: &Tensor, padding: usize) -> candle_core::Result<Ten
         x.pad_with_zeros(3, 0, 1)?.pad_with_zeros(2, 0, 1)
     } else {
         Ok(x.clone())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn banded_convolutions_equal_the_whole() {
+        let dev = Device::Cpu;
+        let x = Tensor::randn(0f32, 1.0, (2, 3, 17, 11), &dev).unwrap();
+        let w = Tensor::randn(0f32, 1.0, (5, 3, 3, 3), &dev).unwrap();
+        for (padding, stride) in [(1, 1), (0, 2), (1, 2), (0, 1)] {
+            let whole = x.conv2d(&w, padding, stride, 1, 1).unwrap();
+            for bytes in [1, 3000, 20_000] {
+                let banded = banded_conv(&x, &w, padding, stride, bytes).unwrap();
+                assert_eq!(banded.dims(), whole.dims());
+                let d = (&banded - &whole).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+                assert!(d < 1e-5, "padding {padding} stride {stride} bytes {bytes}: {d}");
+            }
+        }
     }
 }

@@ -13,10 +13,10 @@ use crate::weights::Vb;
 /// A ResNet block: GroupNorm, SiLU, conv, time embedding added per channel, GroupNorm, SiLU,
 /// conv, plus the input (through a 1×1 conv when the channel count changes).
 pub struct ResnetBlock {
-    norm1: candle_nn::GroupNorm,
+    norm1: nn::GroupNorm,
     conv1: Conv2d,
     time_emb_proj: Option<Linear>,
-    norm2: candle_nn::GroupNorm,
+    norm2: nn::GroupNorm,
     conv2: Conv2d,
     shortcut: Option<Conv2d>,
     output_scale: f64,
@@ -49,12 +49,12 @@ impl ResnetBlock {
     }
 
     pub fn forward(&self, x: &Tensor, temb: Option<&Tensor>, ctx: &Ctx) -> candle_core::Result<Tensor> {
-        let mut h = self.conv1.forward(&nn::norm_silu(&self.norm1, x)?, ctx)?;
+        let mut h = self.conv1.forward(&nn::norm_silu(&self.norm1, x, ctx)?, ctx)?;
         if let (Some(proj), Some(t)) = (&self.time_emb_proj, temb) {
             let t = proj.forward(&t.silu()?, ctx)?;
             h = h.broadcast_add(&t.unsqueeze(2)?.unsqueeze(3)?)?;
         }
-        let h = self.conv2.forward(&nn::norm_silu(&self.norm2, &h)?, ctx)?;
+        let h = self.conv2.forward(&nn::norm_silu(&self.norm2, &h, ctx)?, ctx)?;
         let skip = match &self.shortcut {
             Some(c) => c.forward(x, ctx)?,
             None => x.clone(),
@@ -139,7 +139,7 @@ enum Projection {
 /// diffusers' `Transformer2DModel`: GroupNorm, projection in, transformer blocks over the
 /// pixels as tokens, projection out, plus the input.
 struct SpatialTransformer {
-    norm: candle_nn::GroupNorm,
+    norm: nn::GroupNorm,
     proj_in: Projection,
     blocks: Vec<TransformerBlock>,
     proj_out: Projection,
@@ -168,7 +168,7 @@ impl SpatialTransformer {
     fn forward(&self, x: &Tensor, context: &Tensor, ctx: &Ctx) -> candle_core::Result<Tensor> {
         let (b, c, h, w) = x.dims4()?;
         let to_tokens = |t: Tensor| t.permute((0, 2, 3, 1))?.reshape((b, h * w, c));
-        let mut t = self.norm.forward(x)?;
+        let mut t = self.norm.forward(x, ctx.norm.as_ref())?;
         t = match &self.proj_in {
             Projection::Linear(l) => l.forward(&to_tokens(t)?, ctx)?,
             Projection::Conv(k) => to_tokens(k.forward(&t, ctx)?)?,
@@ -201,7 +201,7 @@ pub struct UNet {
     mid_resnets: Vec<ResnetBlock>,
     mid_attentions: Vec<SpatialTransformer>,
     up: Vec<Block>,
-    norm_out: candle_nn::GroupNorm,
+    norm_out: nn::GroupNorm,
     conv_out: Conv2d,
 }
 
@@ -326,6 +326,6 @@ impl UNet {
                 h = conv.forward(&h.upsample_nearest2d(sh, sw)?, ctx)?;
             }
         }
-        self.conv_out.forward(&nn::norm_silu(&self.norm_out, &h)?, ctx)
+        self.conv_out.forward(&nn::norm_silu(&self.norm_out, &h, ctx)?, ctx)
     }
 }

@@ -2,7 +2,7 @@
 //! encoder's posterior mean exposed (deterministic encoding) and single-head mid-block
 //! attention whose score matrix stays within the context's budget.
 
-use candle_core::{Module, Tensor};
+use candle_core::Tensor;
 
 use crate::config::VaeConfig;
 use crate::error::Result;
@@ -13,7 +13,7 @@ use crate::weights::{Vb, Weights};
 /// The mid block's attention: GroupNorm, one head over all pixels, output projection, plus
 /// the input.
 struct VaeAttention {
-    norm: candle_nn::GroupNorm,
+    norm: nn::GroupNorm,
     to_q: Linear,
     to_k: Linear,
     to_v: Linear,
@@ -33,8 +33,13 @@ impl VaeAttention {
 
     fn forward(&self, x: &Tensor, ctx: &Ctx) -> candle_core::Result<Tensor> {
         let (b, c, h, w) = x.dims4()?;
-        let t = self.norm.forward(x)?.reshape((b, c, h * w))?.transpose(1, 2)?.contiguous()?;
-        let (q, k, v) = (self.to_q.forward(&t, ctx)?, self.to_k.forward(&t, ctx)?, self.to_v.forward(&t, ctx)?);
+        let t = self.norm.forward(x, ctx.norm.as_ref())?.reshape((b, c, h * w))?.transpose(1, 2)?.contiguous()?;
+        let (q, mut k, mut v) = (self.to_q.forward(&t, ctx)?, self.to_k.forward(&t, ctx)?, self.to_v.forward(&t, ctx)?);
+        // A tile of a tiled pass attends over the whole image's keys and values where the pass
+        // has them (see `norm::SharedNorm::attention_kv`).
+        if let Some(shared) = &ctx.norm {
+            (k, v) = shared.attention_kv(&k, &v)?;
+        }
         let out = self.to_out.forward(&nn::attention(&q, &k, &v, 1, None, ctx)?, ctx)?;
         out.transpose(1, 2)?.reshape((b, c, h, w))? + x
     }
@@ -79,7 +84,7 @@ pub struct Encoder {
     conv_in: Conv2d,
     down: Vec<Stage>,
     mid: Mid,
-    norm_out: candle_nn::GroupNorm,
+    norm_out: nn::GroupNorm,
     conv_out: Conv2d,
     quant_conv: Option<Conv2d>,
     latent: usize,
@@ -90,7 +95,7 @@ pub struct Decoder {
     conv_in: Conv2d,
     mid: Mid,
     up: Vec<Stage>,
-    norm_out: candle_nn::GroupNorm,
+    norm_out: nn::GroupNorm,
     conv_out: Conv2d,
 }
 
@@ -178,6 +183,15 @@ impl Vae {
         Ok(Vae { config: c.clone(), encoder, decoder })
     }
 
+    /// How many GroupNorms and mid-block attentions the encoder and the decoder run: the
+    /// barriers of a tiled pass (`norm::SharedNorm`).
+    pub fn barriers(&self) -> (usize, usize) {
+        let c = &self.config;
+        let n = c.block_out_channels.len();
+        let mid = 4 + if c.mid_block_add_attention { 2 } else { 0 };
+        (n * c.layers_per_block * 2 + mid + 1, n * (c.layers_per_block + 1) * 2 + mid + 1)
+    }
+
     /// The mean of the posterior q(z | x) for images `x` `[batch, 3, h, w]` in [-1, 1] (h, w
     /// multiples of 8), unscaled: multiply by `scaling_factor` for the UNet's latents.
     pub fn encode_mean(&self, x: &Tensor, ctx: &Ctx) -> candle_core::Result<Tensor> {
@@ -192,7 +206,7 @@ impl Vae {
             }
         }
         h = e.mid.forward(&h, ctx)?;
-        h = e.conv_out.forward(&nn::norm_silu(&e.norm_out, &h)?, ctx)?;
+        h = e.conv_out.forward(&nn::norm_silu(&e.norm_out, &h, ctx)?, ctx)?;
         if let Some(q) = &e.quant_conv {
             h = q.forward(&h, ctx)?;
         }
@@ -217,6 +231,6 @@ impl Vae {
                 h = conv.forward(&h.upsample_nearest2d(2 * hh, 2 * ww)?, ctx)?;
             }
         }
-        d.conv_out.forward(&nn::norm_silu(&d.norm_out, &h)?, ctx)
+        d.conv_out.forward(&nn::norm_silu(&d.norm_out, &h, ctx)?, ctx)
     }
 }

@@ -11,7 +11,7 @@ use std::time::Instant;
 
 use candle_core::{Device, Tensor};
 use tessera_pisa::colour::ColourFix;
-use tessera_pisa::pipeline::{Latents, Pipeline, Planes};
+use tessera_pisa::pipeline::{Latents, Pipeline, Planes, Tiling};
 use tessera_pisa_model::checkpoint::{self, PisaLora};
 use tessera_pisa_model::config::{UNetConfig, VaeConfig};
 use tessera_pisa_model::error::ModelError;
@@ -93,17 +93,17 @@ fn main() {
 
     let (ow, oh) = (4 * w, 4 * h);
     let bicubic = Planes { width: ow, height: oh, data: (0..3 * ow * oh).map(|i| ((i * 7919) % 1000) as f32 / 1000.0).collect() };
-    let pipe = Pipeline { model: &model, ctx: Ctx::default() };
+    let pipe = Pipeline { model: &model, ctx: Ctx::default(), tiling: Tiling::untiled() };
     let before = rss_mib("VmHWM:");
     let t = Instant::now();
-    let z_l = pipe.encode(&bicubic).unwrap();
+    let z_l = pipe.encode(&bicubic, &mut |_| Ok(())).unwrap();
     let encode = t.elapsed().as_secs_f64();
     let t = Instant::now();
-    let (eps_pix, eps_full) = pipe.predict(&z_l, adjustable).unwrap();
+    let (eps_pix, eps_full) = pipe.predict(&z_l, adjustable, &mut |_| Ok(())).unwrap();
     let unet_s = t.elapsed().as_secs_f64();
     let latents = Latents { width: ow, height: oh, z_l, eps_pix, eps_full };
     let t = Instant::now();
-    let mut x = pipe.render(&latents, 1.0, 1.0, ColourFix::None, &bicubic).unwrap();
+    let mut x = pipe.render(&latents, 1.0, 1.0, ColourFix::None, &bicubic, &mut |_| Ok(())).unwrap();
     let decode = t.elapsed().as_secs_f64();
     let t = Instant::now();
     ColourFix::AdaIn.apply(&mut x, &bicubic);

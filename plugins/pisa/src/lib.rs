@@ -7,6 +7,7 @@
 //! The networks and the model store's files are `tessera-pisa-model`'s; the maths from
 //! bicubic image to images is [`pipeline`]; colour correction is [`colour`].
 
+pub mod budget;
 pub mod colour;
 pub mod pipeline;
 
@@ -16,12 +17,13 @@ use candle_core::Device;
 use serde_json::{json, Value};
 use tessera_pisa_model::nn::Ctx;
 use tessera_pisa_model::store::PisaModel;
+use tessera_plugin_abi::pixels::ImageMut;
 use tessera_plugin_abi::{export_plugin, Engine, EngineError, Job};
 use tessera_protocol::{LayerRole, PluginInfo};
 use tessera_resample::{Filter, Resampler, Scratch};
 
 use colour::ColourFix;
-use pipeline::{Latents, Pipeline, Planes};
+use pipeline::{Latents, Pipeline, Planes, Tiling};
 
 pub const MODEL: &str = "pisa";
 const SCALE: usize = 4;
@@ -68,6 +70,16 @@ fn describe_model() -> Value {
              "description": "adjustable: one UNet batch of two (ε_pix and ε_full) and the pixel and semantic layers; default: PiSA-SR's one pass (ε_full), faster: base and one detail layer (x_full − base)."},
             {"name": "color_fix", "kind": "choice", "default": "adain", "choices": ["adain", "wavelet", "none"],
              "description": "Colour correction of each decoded image against the bicubic image, with whole-image statistics (PiSA-SR's default: adain)."},
+            {"name": "memory_mb", "kind": "int", "default": 0, "min": 0, "max": 1048576,
+             "description": "Working memory for one tile's pass, in MiB, besides the model's weights and the images (about 60 bytes an output pixel); it sets the VAE's tiles and caps the UNet's. 0: half the memory free when the job starts."},
+            {"name": "tile", "kind": "int", "default": 96, "min": 16, "max": 4096,
+             "description": "The UNet's latent window in latent pixels (an eighth of the output's), blended with Gaussian weights (PiSA-SR: 96); the memory budget may make it smaller."},
+            {"name": "tile_overlap", "kind": "int", "default": 32, "min": 0, "max": 2048,
+             "description": "Overlap of neighbouring UNet windows in latent pixels (PiSA-SR: 32)."},
+            {"name": "vae_tile", "kind": "int", "default": 0, "min": 0, "max": 4096,
+             "description": "The VAE's tile in latent pixels, context excluded; 0 sizes it from memory_mb (the whole image in one piece when it fits)."},
+            {"name": "vae_norm", "kind": "choice", "default": "estimate", "choices": ["estimate", "estimate:2", "estimate:3", "exact"],
+             "description": "How a tiled VAE's tiles share GroupNorm statistics over the whole image, so they cannot drift in tone: estimate gathers them in one extra pass over the tiles (estimate:N in N); exact gives the untiled network's own, one pass per GroupNorm (about 15 times the VAE's time)."},
             {"name": "attention_mb", "kind": "int", "default": 256, "min": 1, "max": 65536,
              "description": "The most memory one attention score matrix may take, in MiB; larger images run their attention in more chunks."}
         ]
@@ -97,69 +109,119 @@ impl Engine for Pisa {
         if job.scale as usize != SCALE {
             return Err(EngineError::Failed(format!("pisa runs at ×4, not ×{}", job.scale)));
         }
-        let fail = |stage: &'static str| move |e: candle_core::Error| EngineError::Failed(format!("{stage}: {e}"));
         let adjustable = job.param_str("mode") != Some("default");
         let fix = job.param_str("color_fix").and_then(ColourFix::parse).unwrap_or(ColourFix::AdaIn);
-        let attention_mb = job.params.get("attention_mb").and_then(Value::as_u64).unwrap_or(256) as usize;
-        let stages = 5;
+        let int = |name: &str, default: usize| job.params.get(name).and_then(Value::as_u64).map_or(default, |v| v as usize);
+        let attention_mb = int("attention_mb", 256);
+        let request = budget::Request {
+            memory_mb: match int("memory_mb", 0) {
+                0 => budget::default_memory_mb(),
+                mb => mb,
+            },
+            unet_tile: int("tile", 96).max(16),
+            unet_overlap: int("tile_overlap", 32),
+            vae_tile: int("vae_tile", 0),
+            vae_norm: match job.param_str("vae_norm") {
+                None => pipeline::VaeNorm::Estimate(1),
+                Some(v) => pipeline::VaeNorm::parse(v).ok_or_else(|| EngineError::Failed(format!("vae_norm `{v}`: use estimate, estimate:N or exact")))?,
+            },
+        };
         if self.loaded.as_ref().is_none_or(|(id, _)| *id != job.model) {
             self.loaded = None;
-            job.calls.progress(0, stages, "loading");
+            job.calls.progress(0, 1, "loading");
             let dir = self.store.join(&job.model);
             let model = PisaModel::load(&dir, &self.device)
                 .map_err(|e| EngineError::Failed(format!("cannot load the PiSA-SR model `{}` from {}: {e}; import it again (`{IMPORT_COMMAND}`)", job.model, dir.display())))?;
             self.loaded = Some((job.model.clone(), model));
         }
         let (_, model) = self.loaded.as_ref().expect("loaded above");
-        let pipe = Pipeline { model, ctx: Ctx { lora: None, attention_bytes: attention_mb << 20 } };
+        // Attention chunks and convolution bands take their share of the budget.
+        let budget_bytes = request.memory_mb << 20;
+        let ctx = Ctx { attention_bytes: (attention_mb << 20).min(budget_bytes / 8), conv_bytes: Ctx::default().conv_bytes.min(budget_bytes / 8), ..Ctx::default() };
+        let scratch = ctx.attention_bytes * 2 + ctx.conv_bytes * 2;
         let render = RenderRequest::from_params(&job.params)?;
 
         let base = base_image(job);
         let bicubic = base.rgb();
-        let step = |done: u64, stage: &str| -> Result<(), EngineError> {
-            job.calls.check_cancel()?;
-            job.calls.progress(done, stages, stage);
-            Ok(())
-        };
+        let tiling = budget::plan(&model.unet.config, &model.vae.config, bicubic.width, bicubic.height, &request, scratch);
+        let pipe = Pipeline { model, ctx, tiling };
         // An exact render starts from the job's kept latents; a job, or a render whose
         // latents are gone (or lack ε_pix), runs the encoder and the UNet.
         let kept = render.as_ref().and_then(|r| self.kept.iter().find(|(id, _)| *id == r.job)).map(|(_, l)| l.clone());
         let needs_pix = render.as_ref().is_some_and(|r| r.lambda_pix != 1.0 || r.lambda_sem != 1.0);
+        let kept = kept.filter(|l| l.eps_pix.is_some() || !needs_pix);
+        let decodes = if render.is_none() && adjustable { 2 } else { 1 };
+        let mut progress = Progress::new(&job.calls, &pipe.tiling, &model.vae, bicubic.width, bicubic.height, kept.is_none(), decodes);
         let (latents, fresh) = match kept {
-            Some(l) if l.eps_pix.is_some() || !needs_pix => (l, false),
-            _ => {
-                step(0, "encode")?;
-                let z_l = pipe.encode(&bicubic).map_err(fail("encode"))?;
-                step(1, "unet")?;
-                let (eps_pix, eps_full) = pipe.predict(&z_l, adjustable || render.is_some()).map_err(fail("unet"))?;
+            Some(l) => (l, false),
+            None => {
+                let z_l = pipe.encode(&bicubic, &mut |s| progress.step(s))?;
+                let (eps_pix, eps_full) = pipe.predict(&z_l, adjustable || render.is_some(), &mut |s| progress.step(s))?;
                 (Latents { width: bicubic.width, height: bicubic.height, z_l, eps_pix, eps_full }, true)
             }
         };
-        step(2, "decode")?;
-        let decode = |lp, ls| pipe.render(&latents, lp, ls, ColourFix::None, &bicubic).map_err(fail("decode"));
+        let mut decode = |lp, ls| pipe.render(&latents, lp, ls, ColourFix::None, &bicubic, &mut |s| progress.step(s));
         if let Some(r) = &render {
             let mut x = decode(r.lambda_pix, r.lambda_sem)?;
-            step(3, "colour fix")?;
+            progress.step("colour fix")?;
             fix.apply(&mut x, &bicubic);
-            step(4, "layers")?;
-            write_exact(job, &base, &x);
+            progress.step("layers")?;
+            write_exact(&mut job.outputs, &base, &x);
         } else {
             let mut x_full = decode(1.0, 1.0)?;
             let mut x_pix = if adjustable { Some(decode(1.0, 0.0)?) } else { None };
-            step(3, "colour fix")?;
+            progress.step("colour fix")?;
             fix.apply(&mut x_full, &bicubic);
             if let Some(x) = &mut x_pix {
                 fix.apply(x, &bicubic);
             }
-            step(4, "layers")?;
-            write_layers(job, &base, x_pix.as_ref(), &x_full);
+            progress.step("layers")?;
+            write_layers(&mut job.outputs, &base, x_pix.as_ref(), &x_full);
         }
+        let stages = progress.total;
         // A job's latents, or those a render had to compute again, serve the next renders.
         if fresh {
             let id = render.as_ref().map_or(job.id, |r| r.job);
             self.keep(id, latents);
         }
         job.calls.progress(stages, stages, "done");
+        Ok(())
+    }
+}
+
+/// A job's progress in steps: a tile of a stage (or the stage, untiled), then colour fix and
+/// layers; cancel is checked before each.
+struct Progress<'j, 'a> {
+    calls: &'j tessera_plugin_abi::plugin::HostCalls<'a>,
+    done: u64,
+    total: u64,
+    counts: std::collections::HashMap<&'static str, (usize, usize)>,
+}
+
+impl<'j, 'a> Progress<'j, 'a> {
+    fn new(calls: &'j tessera_plugin_abi::plugin::HostCalls<'a>, tiling: &Tiling, vae: &tessera_pisa_model::vae::Vae, width: usize, height: usize, fresh: bool, decodes: usize) -> Self {
+        let (encode, unet, decode) = tiling.steps(vae, width, height);
+        let mut counts = std::collections::HashMap::new();
+        if fresh {
+            counts.insert("encode", (0, encode));
+            counts.insert("unet", (0, unet));
+        }
+        counts.insert("decode", (0, decode * decodes));
+        let total = counts.values().map(|c| c.1 as u64).sum::<u64>() + 2;
+        Progress { calls, done: 0, total, counts }
+    }
+
+    fn step(&mut self, stage: &'static str) -> Result<(), EngineError> {
+        self.calls.check_cancel()?;
+        let label = match self.counts.get_mut(stage) {
+            Some((n, of)) if *of > 1 => {
+                *n += 1;
+                format!("{stage} {n}/{of}")
+            }
+            _ => stage.to_string(),
+        };
+        self.calls.progress(self.done, self.total, &label);
+        self.done += 1;
         Ok(())
     }
 }
@@ -225,7 +287,7 @@ pub fn base_image(job: &Job<'_>) -> Base {
 /// Writes base, `x_pix − base` and `x_full − x_pix` into the job's outputs, or without `x_pix`
 /// (one-pass mode: base and one detail layer) `x_full − base`; grey documents get the mean of
 /// the model's RGB.
-fn write_layers(job: &mut Job<'_>, base: &Base, x_pix: Option<&Planes>, x_full: &Planes) {
+fn write_layers(outputs: &mut [(LayerRole, ImageMut<'_>)], base: &Base, x_pix: Option<&Planes>, x_full: &Planes) {
     let (w, c) = (base.width, base.channels);
     let colour = c - base.alpha as usize;
     let value = |x: &Planes, ch: usize, px: usize, y: usize| {
@@ -260,7 +322,7 @@ fn write_layers(job: &mut Job<'_>, base: &Base, x_pix: Option<&Planes>, x_full: 
                 sem[px * c + c - 1] = row[px * c + c - 1];
             }
         }
-        for (role, img) in job.outputs.iter_mut() {
+        for (role, img) in outputs.iter_mut() {
             match role {
                 LayerRole::Base => img.write_row(y, row),
                 LayerRole::PixelDetail => img.write_row(y, &pix),
@@ -273,7 +335,7 @@ fn write_layers(job: &mut Job<'_>, base: &Base, x_pix: Option<&Planes>, x_full: 
 
 /// The exact render `x` as the job's one `exact` output: its colour (grey documents get the
 /// mean of the model's RGB), the base's alpha.
-fn write_exact(job: &mut Job<'_>, base: &Base, x: &Planes) {
+fn write_exact(outputs: &mut [(LayerRole, ImageMut<'_>)], base: &Base, x: &Planes) {
     let (w, c) = (base.width, base.channels);
     let colour = c - base.alpha as usize;
     let mut row = vec![0f32; w * c];
@@ -286,7 +348,7 @@ fn write_exact(job: &mut Job<'_>, base: &Base, x: &Planes) {
                 row[px * c + c - 1] = base.data[(y * w + px) * c + c - 1];
             }
         }
-        if let Some(img) = job.output(LayerRole::Exact) {
+        if let Some((_, img)) = outputs.iter_mut().find(|(r, _)| *r == LayerRole::Exact) {
             img.write_row(y, &row);
         }
     }

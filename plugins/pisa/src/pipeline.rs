@@ -7,10 +7,19 @@
 //! weights and whose semantic LoRA runs at scale 0 for the first item and 1 for the second.
 //! The [`Latents`] are small (an eighth of the image per side, 4 channels) and are kept so an
 //! exact render at other λ needs only a decode.
+//!
+//! Large images run in tiles ([`Tiling`]): the UNet over overlapping latent windows blended
+//! in ε-space with PiSA-SR's Gaussian weights, the VAE over tiles that carry a halo of context
+//! and share their GroupNorm statistics ([`tessera_pisa_model::norm`]): a first pass gathers
+//! every GroupNorm's statistics over the whole image, and the pass that makes the pixels
+//! normalises every tile with them.
 
 use candle_core::{Device, Tensor};
 use tessera_pisa_model::nn::Ctx;
+use tessera_pisa_model::norm::{self, Barriers, Core, SharedNorm};
 use tessera_pisa_model::store::PisaModel;
+use tessera_plugin_abi::EngineError;
+use tessera_tiling::{self as tiling, Window};
 
 use crate::colour::ColourFix;
 
@@ -80,20 +89,168 @@ pub fn model_input(bicubic: &Planes, device: &Device) -> candle_core::Result<Ten
     Tensor::from_vec(data, (1, 3, ph, pw), device)
 }
 
+/// How the tiles of a tiled VAE come to normalise with the same statistics.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum VaeNorm {
+    /// The untiled network's own: one pass per GroupNorm (and one for the mid-block
+    /// attention's keys and values), each running the tiles up to it with every statistic
+    /// before it known, so tiles equal the whole image wherever their halo covers the
+    /// network's reach. It costs about half as many VAE passes as the network has GroupNorms.
+    Exact,
+    /// This many passes that gather every GroupNorm's statistics (the first from tiles
+    /// normalised on their own, each next from tiles normalised with the last pass's) before
+    /// the pass that makes the pixels; 0 normalises every tile on its own (tiling without
+    /// shared statistics, for comparison). Tiles share their statistics, so they cannot drift
+    /// apart, but how near those come to the whole image's depends on the network.
+    Estimate(usize),
+}
+
+impl VaeNorm {
+    /// `exact`, `estimate` (one gathering pass) or `estimate:N`.
+    pub fn parse(s: &str) -> Option<VaeNorm> {
+        match s.split_once(':') {
+            None if s == "exact" => Some(VaeNorm::Exact),
+            None if s == "estimate" => Some(VaeNorm::Estimate(1)),
+            Some(("estimate", n)) => n.parse().ok().map(VaeNorm::Estimate),
+            _ => None,
+        }
+    }
+}
+
+/// The default of [`Tiling::global_attention_tokens`].
+pub const GLOBAL_ATTENTION_TOKENS: usize = 65_536;
+
+/// How an image is cut into tiles, in latent pixels (an eighth of the image's).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Tiling {
+    /// The UNet's window and the overlap of neighbouring windows (PiSA-SR: 96 and 32).
+    pub unet_tile: usize,
+    pub unet_overlap: usize,
+    /// The VAE encoder's and decoder's tile cores (0: the whole image in one piece), and the
+    /// context each tile carries on every side (PiSA-SR: 4 and 11 latent pixels).
+    pub encoder_tile: usize,
+    pub encoder_halo: usize,
+    pub decoder_tile: usize,
+    pub decoder_halo: usize,
+    /// How a tiled VAE's tiles share their GroupNorm statistics and attention.
+    pub vae_norm: VaeNorm,
+    /// A tiled VAE's mid-block attention attends over the whole image (keys and values
+    /// gathered with the statistics) up to this many latent pixels, and within each tile above
+    /// (its cost grows with the square of the image's area: at 65 536, a 2048² picture, it is
+    /// about a fifth of the decoder's).
+    pub global_attention_tokens: usize,
+}
+
+impl Tiling {
+    /// No tiles: every network sees the whole image.
+    pub fn untiled() -> Tiling {
+        Tiling { unet_tile: usize::MAX, unet_overlap: 0, encoder_tile: 0, encoder_halo: 0, decoder_tile: 0, decoder_halo: 0, vae_norm: VaeNorm::Estimate(1), global_attention_tokens: GLOBAL_ATTENTION_TOKENS }
+    }
+
+    fn vae_cores(tile: usize, h: usize, w: usize) -> Option<(Vec<Window>, Vec<Window>)> {
+        (tile > 0 && (h > tile || w > tile)).then(|| (tiling::cores(h, tile), tiling::cores(w, tile)))
+    }
+
+    fn vae_steps(&self, tile: usize, h: usize, w: usize, barriers: usize) -> usize {
+        let passes = match self.vae_norm {
+            VaeNorm::Exact => barriers + 1,
+            VaeNorm::Estimate(n) => n + 1,
+        };
+        Tiling::vae_cores(tile, h, w).map_or(1, |(ys, xs)| ys.len() * xs.len() * passes)
+    }
+
+    /// How many steps (tiles and passes) each stage takes for an image of `width × height`
+    /// pixels: encode, UNet, one decode.
+    pub fn steps(&self, vae: &tessera_pisa_model::vae::Vae, width: usize, height: usize) -> (usize, usize, usize) {
+        let (h, w) = (height.div_ceil(8), width.div_ceil(8));
+        let unet = tiling::windows(h, self.unet_tile, self.unet_overlap).len() * tiling::windows(w, self.unet_tile, self.unet_overlap).len();
+        let (enc, dec) = vae.barriers();
+        (self.vae_steps(self.encoder_tile, h, w, enc), unet, self.vae_steps(self.decoder_tile, h, w, dec))
+    }
+}
+
+/// Called before each step of a stage (a tile, or the whole image): reports progress, and
+/// stops the work with its error (a cancel).
+pub type Tick<'t> = &'t mut dyn FnMut(&'static str) -> Result<(), EngineError>;
+
+/// A stage's candle error, named.
+fn fail(stage: &'static str) -> impl Fn(candle_core::Error) -> EngineError {
+    move |e| EngineError::Failed(format!("{stage}: {e}"))
+}
+
 pub struct Pipeline<'a> {
     pub model: &'a PisaModel,
     pub ctx: Ctx,
+    pub tiling: Tiling,
 }
 
 impl Pipeline<'_> {
     /// `z_L` = the posterior mean of the padded image × the VAE's scaling factor.
-    pub fn encode(&self, bicubic: &Planes) -> candle_core::Result<Tensor> {
-        let x = model_input(bicubic, self.model.embedding.device())?;
-        self.model.vae.encode_mean(&x, &self.ctx)? * self.model.vae.config.scaling_factor
+    pub fn encode(&self, bicubic: &Planes, tick: Tick) -> Result<Tensor, EngineError> {
+        let x = model_input(bicubic, self.model.embedding.device()).map_err(fail("encode"))?;
+        let (_, _, ph, pw) = x.dims4().map_err(fail("encode"))?;
+        let vae = &self.model.vae;
+        let z = self.vae_tiled("encode", (ph / 8, pw / 8), self.tiling.encoder_tile, self.tiling.encoder_halo, 1, tick, &mut |core, ctx| {
+            // Tiles are cut on the latent grid, so every pixel box starts at a multiple of 8 and
+            // the encoder's downsamplings line up with the untiled image's.
+            let tile = x.narrow(2, 8 * core.y.start, 8 * core.y.len())?.narrow(3, 8 * core.x.start, 8 * core.x.len())?;
+            vae.encode_mean(&tile, ctx)
+        })?;
+        (z * vae.config.scaling_factor).map_err(fail("encode"))
     }
 
-    /// ε_pix and ε_full in one batch of two (`adjustable`), or ε_full alone.
-    pub fn predict(&self, z_l: &Tensor, adjustable: bool) -> candle_core::Result<(Option<Tensor>, Tensor)> {
+    /// ε_pix and ε_full in one batch of two (`adjustable`), or ε_full alone; over windows of
+    /// the latents blended with Gaussian weights when they are larger than a window.
+    pub fn predict(&self, z_l: &Tensor, adjustable: bool, tick: Tick) -> Result<(Option<Tensor>, Tensor), EngineError> {
+        let f = fail("unet");
+        let (_, ch, h, w) = z_l.dims4().map_err(&f)?;
+        let ys = tiling::windows(h, self.tiling.unet_tile, self.tiling.unet_overlap);
+        let xs = tiling::windows(w, self.tiling.unet_tile, self.tiling.unet_overlap);
+        if ys.len() * xs.len() == 1 {
+            tick("unet")?;
+            return self.predict_window(z_l, adjustable).map_err(f);
+        }
+        let outputs = if adjustable { 2 } else { 1 };
+        let mut sum = vec![vec![0f32; ch * h * w]; outputs];
+        let mut wsum = vec![0f32; h * w];
+        for wy in &ys {
+            let gy = tiling::gaussian(wy);
+            for wx in &xs {
+                tick("unet")?;
+                let gx = tiling::gaussian(wx);
+                let tile = z_l.narrow(2, wy.start, wy.len()).and_then(|t| t.narrow(3, wx.start, wx.len())).map_err(&f)?;
+                let (pix, full) = self.predict_window(&tile, adjustable).map_err(&f)?;
+                for (k, eps) in pix.iter().chain([&full]).enumerate() {
+                    let v: Vec<f32> = eps.flatten_all().and_then(|t| t.to_vec1()).map_err(&f)?;
+                    for c in 0..ch {
+                        for (dy, y) in (wy.start..wy.end).enumerate() {
+                            for (dx, x) in (wx.start..wx.end).enumerate() {
+                                sum[k][(c * h + y) * w + x] += v[(c * wy.len() + dy) * wx.len() + dx] * gy[dy] * gx[dx];
+                            }
+                        }
+                    }
+                }
+                for (dy, y) in (wy.start..wy.end).enumerate() {
+                    for (dx, x) in (wx.start..wx.end).enumerate() {
+                        wsum[y * w + x] += gy[dy] * gx[dx];
+                    }
+                }
+            }
+        }
+        let mut eps = sum.into_iter().map(|mut s| {
+            for (i, v) in s.iter_mut().enumerate() {
+                *v /= wsum[i % (h * w)];
+            }
+            Tensor::from_vec(s, (1, ch, h, w), z_l.device())
+        });
+        let first = eps.next().expect("one output").map_err(&f)?;
+        match eps.next() {
+            Some(full) => Ok((Some(first), full.map_err(&f)?)),
+            None => Ok((None, first)),
+        }
+    }
+
+    fn predict_window(&self, z_l: &Tensor, adjustable: bool) -> candle_core::Result<(Option<Tensor>, Tensor)> {
         let device = z_l.device();
         let batch = if adjustable { 2 } else { 1 };
         let scales: &[f32] = if adjustable { &[0.0, 1.0] } else { &[1.0] };
@@ -109,17 +266,117 @@ impl Pipeline<'_> {
     }
 
     /// The image at (λ_pix, λ_sem): `z_L − ε` decoded, clamped, cropped and colour-fixed.
-    pub fn render(&self, latents: &Latents, lambda_pix: f64, lambda_sem: f64, fix: ColourFix, bicubic: &Planes) -> candle_core::Result<Planes> {
-        let z_h = (&latents.z_l - latents.eps(lambda_pix, lambda_sem)?)?;
-        let mut x = self.decode(&z_h, latents.width, latents.height)?;
+    pub fn render(&self, latents: &Latents, lambda_pix: f64, lambda_sem: f64, fix: ColourFix, bicubic: &Planes, tick: Tick) -> Result<Planes, EngineError> {
+        let z_h = latents.eps(lambda_pix, lambda_sem).and_then(|eps| &latents.z_l - eps).map_err(fail("decode"))?;
+        let mut x = self.decode(&z_h, latents.width, latents.height, tick)?;
         fix.apply(&mut x, bicubic);
         Ok(x)
     }
 
     /// `D(z / scaling factor)` clamped to [-1, 1], mapped to [0, 1] and cropped to `w × h`.
-    pub fn decode(&self, z: &Tensor, width: usize, height: usize) -> candle_core::Result<Planes> {
-        let x = self.model.vae.decode(&(z / self.model.vae.config.scaling_factor)?, &self.ctx)?;
-        let x = ((x.clamp(-1f32, 1f32)? * 0.5)? + 0.5)?.narrow(2, 0, height)?.narrow(3, 0, width)?;
-        Ok(Planes { width, height, data: x.flatten_all()?.to_vec1()? })
+    pub fn decode(&self, z: &Tensor, width: usize, height: usize, tick: Tick) -> Result<Planes, EngineError> {
+        let f = fail("decode");
+        let vae = &self.model.vae;
+        let z = (z / vae.config.scaling_factor).map_err(&f)?;
+        let (_, _, h, w) = z.dims4().map_err(&f)?;
+        let x = self.vae_tiled("decode", (h, w), self.tiling.decoder_tile, self.tiling.decoder_halo, 8, tick, &mut |core, ctx| {
+            vae.decode(&z.narrow(2, core.y.start, core.y.len())?.narrow(3, core.x.start, core.x.len())?, ctx)
+        })?;
+        let x = x.clamp(-1f32, 1f32).and_then(|x| (x * 0.5)? + 0.5).and_then(|x| x.narrow(2, 0, height)?.narrow(3, 0, width)).map_err(&f)?;
+        Ok(Planes { width, height, data: x.flatten_all().and_then(|t| t.to_vec1()).map_err(&f)? })
     }
+
+    /// Runs `net` over the latent grid `h × w`, whole or in tiles of `tile` with `halo`
+    /// latent pixels of context, sharing GroupNorm statistics across tiles (see [`Tiling`]);
+    /// `net` maps a box of the latent grid to its output, `scale` output pixels per latent one.
+    #[allow(clippy::too_many_arguments)]
+    fn vae_tiled(
+        &self,
+        stage: &'static str,
+        (h, w): (usize, usize),
+        tile: usize,
+        halo: usize,
+        scale: usize,
+        tick: Tick,
+        net: &mut dyn FnMut(&Box2, &Ctx) -> candle_core::Result<Tensor>,
+    ) -> Result<Tensor, EngineError> {
+        let f = fail(stage);
+        let Some((ys, xs)) = Tiling::vae_cores(tile, h, w) else {
+            tick(stage)?;
+            return net(&Box2 { y: 0..h, x: 0..w }, &self.ctx).map_err(f);
+        };
+        let global = h * w <= self.tiling.global_attention_tokens;
+        let mut known = Barriers::default();
+        let mut out: Option<(usize, Vec<f32>)> = None;
+        for pass in 0.. {
+            // (gather from, stop after) for this pass; None, None makes the pixels.
+            let (gather_from, stop_after) = match self.tiling.vae_norm {
+                VaeNorm::Exact => (Some(pass), Some(pass)),
+                VaeNorm::Estimate(n) if pass < n => (Some(0), None),
+                VaeNorm::Estimate(_) => (None, None),
+            };
+            let shared = SharedNorm::new(known.clone(), gather_from, stop_after);
+            let ctx = Ctx { norm: Some(shared.clone()), ..self.ctx.clone() };
+            let mut finished = false;
+            for cy in &ys {
+                for cx in &xs {
+                    tick(stage)?;
+                    let boxed = Box2 { y: cy.start.saturating_sub(halo)..(cy.end + halo).min(h), x: cx.start.saturating_sub(halo)..(cx.end + halo).min(w) };
+                    shared.begin_tile(Core {
+                        input: (boxed.y.len(), boxed.x.len()),
+                        rows: (cy.start - boxed.y.start, cy.end - boxed.y.start),
+                        cols: (cx.start - boxed.x.start, cx.end - boxed.x.start),
+                        origin: (boxed.y.start, boxed.x.start),
+                        grid: (h, w),
+                    });
+                    let y = match net(&boxed, &ctx) {
+                        Err(e) if norm::is_stop(&e) => continue,
+                        r => r.map_err(&f)?,
+                    };
+                    if gather_from.is_some() && stop_after.is_none() {
+                        continue; // an estimating pass: its pixels are not the result
+                    }
+                    finished = true;
+                    // The tile's own pixels into the image.
+                    let (_, c, th, tw) = y.dims4().map_err(&f)?;
+                    let (oh, ow) = (h * scale, w * scale);
+                    let (_, buf) = out.get_or_insert_with(|| (c, vec![0f32; c * oh * ow]));
+                    let v: Vec<f32> = y.flatten_all().and_then(|t| t.to_vec1()).map_err(&f)?;
+                    let (y0, x0) = ((cy.start - boxed.y.start) * scale, (cx.start - boxed.x.start) * scale);
+                    for ch in 0..c {
+                        for dy in 0..cy.len() * scale {
+                            let from = (ch * th + y0 + dy) * tw + x0;
+                            let to = (ch * oh + cy.start * scale + dy) * ow + cx.start * scale;
+                            buf[to..to + cx.len() * scale].copy_from_slice(&v[from..from + cx.len() * scale]);
+                        }
+                    }
+                }
+            }
+            if finished {
+                break;
+            }
+            let got = shared.gathered();
+            match self.tiling.vae_norm {
+                VaeNorm::Exact => {
+                    if known.norms.len() <= pass {
+                        known.norms.resize(pass + 1, None);
+                    }
+                    known.norms[pass] = got.norms.get(pass).cloned().flatten();
+                    known.kv = known.kv.take().or(got.kv);
+                }
+                VaeNorm::Estimate(_) => known = Barriers { norms: got.norms, kv: got.kv.filter(|_| global) },
+            }
+            if !global {
+                known.kv = None;
+            }
+        }
+        let (c, buf) = out.expect("the last pass writes");
+        Tensor::from_vec(buf, (1, c, h * scale, w * scale), self.model.embedding.device()).map_err(f)
+    }
+}
+
+/// A box of the latent grid.
+pub struct Box2 {
+    pub y: std::ops::Range<usize>,
+    pub x: std::ops::Range<usize>,
 }

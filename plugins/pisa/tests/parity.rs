@@ -3,28 +3,23 @@
 //! through the importer's files to the colour-fixed images, at several (λ_pix, λ_sem),
 //! including (0, 0) and (1.2, 0.8), on an image whose ×4 is not a multiple of 8.
 
+mod common;
+
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+
+use common::{fixtures, import_into, planes_tensor};
 
 use candle_core::{Device, Tensor};
 use tessera_pisa::colour::ColourFix;
-use tessera_pisa::pipeline::{self, Latents, Pipeline, Planes};
+use tessera_pisa::pipeline::{self, Latents, Pipeline, Planes, Tiling};
 use tessera_pisa_model::nn::Ctx;
 use tessera_pisa_model::store::PisaModel;
 use tessera_protocol::{Layout, SampleType};
 use tessera_resample::{Filter, Resampler, Scratch};
 
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/pisa")
-}
-
 fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
     assert_eq!(a.dims(), b.dims());
     (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
-}
-
-fn planes_tensor(p: &Planes) -> Tensor {
-    Tensor::from_vec(p.data.clone(), (1, 3, p.height, p.width), &Device::Cpu).unwrap()
 }
 
 /// The LR fixture upscaled by the engine's bicubic (the base layer's resampler), clamped as
@@ -47,15 +42,6 @@ fn bicubic() -> Planes {
     Planes { width: ow, height: oh, data }
 }
 
-fn import_into(dir: &Path) {
-    let _ = std::fs::remove_dir_all(dir);
-    std::fs::create_dir_all(dir).unwrap();
-    let got = tessera_pisa_model::import::import(&fixtures().join("sd21-tiny"), &fixtures().join("pisa_sr_tiny.pkl"), &|_| {}).unwrap();
-    for (file, bytes) in &got.files {
-        std::fs::write(dir.join(file), bytes).unwrap();
-    }
-}
-
 #[test]
 fn pipeline_matches_pytorch_at_every_lambda() {
     let r: HashMap<String, Tensor> = candle_core::safetensors::load(fixtures().join("reference.safetensors"), &Device::Cpu).unwrap();
@@ -67,7 +53,7 @@ fn pipeline_matches_pytorch_at_every_lambda() {
     let dir = std::env::temp_dir().join(format!("tessera-pisa-pipeline-{}", std::process::id()));
     import_into(&dir);
     let model = PisaModel::load(&dir, &Device::Cpu).unwrap();
-    let pipe = Pipeline { model: &model, ctx: Ctx::default() };
+    let pipe = Pipeline { model: &model, ctx: Ctx::default(), tiling: Tiling::untiled() };
     let mut worst: HashMap<&str, f32> = HashMap::new();
     let mut check = |name: &'static str, d: f32, tol: f32| {
         assert!(d <= tol, "{name}: max |Δ| {d:.3e} > {tol:.0e}");
@@ -78,13 +64,13 @@ fn pipeline_matches_pytorch_at_every_lambda() {
     let bic = bicubic();
     check("bicubic", max_abs(&planes_tensor(&bic), &r["bicubic"]), 1e-4);
     check("x_in", max_abs(&pipeline::model_input(&bic, &Device::Cpu).unwrap(), &r["x_in"]), 2e-4);
-    let z_l = pipe.encode(&bic).unwrap();
+    let z_l = pipe.encode(&bic, &mut |_| Ok(())).unwrap();
     check("z_l", max_abs(&z_l, &r["z_l"]), 1e-4);
-    let (eps_pix, eps_full) = pipe.predict(&z_l, true).unwrap();
+    let (eps_pix, eps_full) = pipe.predict(&z_l, true, &mut |_| Ok(())).unwrap();
     check("eps_pix", max_abs(eps_pix.as_ref().unwrap(), &r["eps_pix"]), 1e-4);
     check("eps_full", max_abs(&eps_full, &r["eps_full"]), 1e-4);
     // The one-pass default mode gives ε_full alone.
-    let (none, eps_default) = pipe.predict(&z_l, false).unwrap();
+    let (none, eps_default) = pipe.predict(&z_l, false, &mut |_| Ok(())).unwrap();
     assert!(none.is_none());
     check("eps_default", max_abs(&eps_default, &r["eps_full"]), 1e-4);
 
@@ -93,7 +79,7 @@ fn pipeline_matches_pytorch_at_every_lambda() {
         let z_h = (&latents.z_l - latents.eps(lp, ls).unwrap()).unwrap();
         check("z_h", max_abs(&z_h, &r[&format!("z_h.{k}")]), 1e-4);
         for (fix, key) in [(ColourFix::None, "x"), (ColourFix::AdaIn, "x_adain"), (ColourFix::Wavelet, "x_wavelet")] {
-            let x = pipe.render(&latents, lp, ls, fix, &bic).unwrap();
+            let x = pipe.render(&latents, lp, ls, fix, &bic, &mut |_| Ok(())).unwrap();
             let name: &'static str = match fix {
                 ColourFix::None => "x",
                 ColourFix::AdaIn => "x_adain",

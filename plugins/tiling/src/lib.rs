@@ -1,6 +1,8 @@
-//! Overlapping tiles along one axis, with weights that cross-fade neighbours (raised cosine
-//! over each overlap, summing to exactly 1), so a tile's borders, where zero padding makes the
-//! network see less context, count little and no seam shows.
+//! Tessera's one tiler: overlapping windows along one axis and the weights that blend them,
+//! so a tile's borders, where zero padding makes a network see less context, count little and
+//! no seam shows. Two blends: a raised cosine over each overlap (the cnn engine's: it sums to
+//! exactly 1), and PiSA-SR's Gaussian over the whole window (σ = 0.1·size, normalised by the
+//! sum of the weights where windows meet). An image tiles as the product of its two axes'.
 
 use std::f32::consts::PI;
 
@@ -8,6 +10,15 @@ use std::f32::consts::PI;
 pub struct Window {
     pub start: usize,
     pub end: usize,
+}
+
+impl Window {
+    pub fn len(&self) -> usize {
+        self.end - self.start
+    }
+    pub fn is_empty(&self) -> bool {
+        self.end == self.start
+    }
 }
 
 /// As few windows of at most `tile` as cover `0..len` with neighbours overlapping by at least
@@ -53,6 +64,24 @@ pub fn weights(wins: &[Window], i: usize, scale: usize) -> Vec<f32> {
     out
 }
 
+/// PiSA-SR's latent-tile weight along one axis of window `w`: a Gaussian centred on the
+/// window with σ = 0.1·size (`research/reference-models.md` §2.1), computed for the window's own
+/// size, so short windows (an image smaller than the tile) get a profile that fits them.
+/// Callers divide by the sum of the weights at each sample.
+pub fn gaussian(w: &Window) -> Vec<f32> {
+    let n = w.end - w.start;
+    let mid = (n as f64 - 1.0) / 2.0;
+    let sigma = 0.1 * n as f64;
+    (0..n).map(|i| (-(i as f64 - mid).powi(2) / (2.0 * sigma * sigma)).exp() as f32).collect()
+}
+
+/// `0..len` cut into as few nearly equal windows of at most `tile` as cover it, without
+/// overlap: the cores of tiles that carry their context as a halo.
+pub fn cores(len: usize, tile: usize) -> Vec<Window> {
+    let n = len.div_ceil(tile.max(1)).max(1);
+    (0..n).map(|i| Window { start: i * len / n, end: (i + 1) * len / n }).collect()
+}
+
 /// 0 before the overlap, 1 after it, a raised cosine across it.
 fn ramp(t: f32) -> f32 {
     let t = t.clamp(0.0, 1.0);
@@ -91,6 +120,24 @@ mod tests {
         }
         let w = windows(1024, 512, 48);
         assert_eq!((w.len(), w[0].end), (3, 374));
+    }
+
+    #[test]
+    fn gaussian_is_centred_and_small_at_the_edges() {
+        let g = gaussian(&Window { start: 10, end: 106 });
+        assert_eq!(g.len(), 96);
+        assert!((g[47] - g[48]).abs() < 1e-6 && g[47] > 0.99);
+        assert!(g[0] < 1e-5 && (g[0] - g[95]).abs() < 1e-9);
+    }
+
+    #[test]
+    fn cores_partition_the_axis() {
+        for (len, tile) in [(1, 8), (100, 128), (300, 128), (1000, 224), (97, 32)] {
+            let c = cores(len, tile);
+            assert_eq!((c[0].start, c.last().unwrap().end), (0, len));
+            assert!(c.windows(2).all(|p| p[0].end == p[1].start));
+            assert!(c.iter().all(|w| w.end > w.start && w.end - w.start <= tile), "{len} {tile} {c:?}");
+        }
     }
 
     #[test]

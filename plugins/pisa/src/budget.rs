@@ -1,0 +1,111 @@
+//! Tile sizes from a memory budget (DESIGN.md §5): the working memory of one tile's pass,
+//! estimated from the networks' configs, stays within the budget, so a job's peak follows the
+//! budget and not the layer's size. The images themselves (the bicubic base, the decoded
+//! pictures: some 60 bytes an output pixel) come on top.
+
+use tessera_pisa_model::config::{UNetConfig, VaeConfig};
+
+use crate::pipeline::Tiling;
+
+const F32: usize = 4;
+
+/// What the user chose; zeros leave the choice to the budget.
+#[derive(Clone, Debug)]
+pub struct Request {
+    pub memory_mb: usize,
+    pub unet_tile: usize,
+    pub unet_overlap: usize,
+    pub vae_tile: usize,
+    pub vae_norm: crate::pipeline::VaeNorm,
+}
+
+/// The default budget: half the memory the machine has free now, at least 1 GiB.
+pub fn default_memory_mb() -> usize {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    let available_kib = meminfo
+        .lines()
+        .find(|l| l.starts_with("MemAvailable:"))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse::<usize>().ok())
+        .unwrap_or(4 << 20);
+    ((available_kib / 2) >> 10).max(1024)
+}
+
+/// Peak bytes of the UNet over a latent window `h × w` at `batch`, besides the weights: the
+/// largest level's activations (the transformer's GEGLU holds 8 channels' worth per channel),
+/// the skip connections every level keeps for the way up, and the attention and convolution
+/// scratch bounded by the context.
+pub fn unet_bytes(c: &UNetConfig, h: usize, w: usize, batch: usize, scratch: usize) -> usize {
+    let px = h * w * batch;
+    let levels = c.block_out_channels.iter().enumerate();
+    let widest = levels.clone().map(|(l, ch)| px / (1 << (2 * l)) * ch * 14).max().unwrap_or(0);
+    let skips: usize = levels.map(|(l, ch)| px / (1 << (2 * l)) * ch * 3).sum();
+    (widest + skips) * F32 + scratch
+}
+
+/// Peak bytes of the VAE decoder over a latent window `h × w`: at each of its resolutions
+/// (×1 … ×8), the block's input and output, the residual and GroupNorm's temporaries.
+pub fn decoder_bytes(c: &VaeConfig, h: usize, w: usize, scratch: usize) -> usize {
+    let ch = &c.block_out_channels;
+    let n = ch.len();
+    (0..n)
+        .map(|l| {
+            // Level l works at 2^l × the latent: its input is the block above's output.
+            let c_in = if l == 0 { ch[n - 1] } else { ch[n - l] };
+            h * w * (1 << (2 * l)) * (3 * c_in + 3 * ch[n - 1 - l])
+        })
+        .max()
+        .unwrap_or(0)
+        * F32
+        + scratch
+}
+
+/// Peak bytes of the VAE encoder over a latent window `h × w` (8h × 8w pixels).
+pub fn encoder_bytes(c: &VaeConfig, h: usize, w: usize, scratch: usize) -> usize {
+    let ch = &c.block_out_channels;
+    (0..ch.len())
+        .map(|l| 64 * h * w / (1 << (2 * l)) * (3 * ch[l.saturating_sub(1)] + 3 * ch[l]))
+        .max()
+        .unwrap_or(0)
+        * F32
+        + scratch
+}
+
+/// The largest square window side whose cost stays within `budget` (at least 8).
+fn largest(budget: usize, cost: impl Fn(usize) -> usize) -> usize {
+    let mut t = 8;
+    while t < 4096 && cost(t + 8) <= budget {
+        t += 8;
+    }
+    t
+}
+
+/// PiSA-SR's VAE halos, in latent pixels: 32 px for the encoder, 11 latent for the decoder.
+pub const ENCODER_HALO: usize = 4;
+pub const DECODER_HALO: usize = 11;
+
+/// Tiles for an image of `width × height` output pixels.
+pub fn plan(unet: &UNetConfig, vae: &VaeConfig, width: usize, height: usize, r: &Request, scratch: usize) -> Tiling {
+    let budget = r.memory_mb << 20;
+    let (h, w) = (height.div_ceil(8), width.div_ceil(8));
+    let unet_fit = largest(budget, |t| unet_bytes(unet, t, t, 2, scratch));
+    let unet_tile = r.unet_tile.min(unet_fit).max(r.unet_overlap + 8);
+    let vae_tile = |halo: usize, cost: &dyn Fn(usize, usize) -> usize| -> usize {
+        if r.vae_tile > 0 {
+            r.vae_tile
+        } else if cost(h, w) <= budget {
+            0
+        } else {
+            largest(budget, |t| cost(t, t)).saturating_sub(2 * halo).max(8)
+        }
+    };
+    Tiling {
+        unet_tile,
+        unet_overlap: r.unet_overlap,
+        encoder_tile: vae_tile(ENCODER_HALO, &|a, b| encoder_bytes(vae, a, b, scratch)),
+        encoder_halo: ENCODER_HALO,
+        decoder_tile: vae_tile(DECODER_HALO, &|a, b| decoder_bytes(vae, a, b, scratch)),
+        decoder_halo: DECODER_HALO,
+        vae_norm: r.vae_norm,
+        global_attention_tokens: crate::pipeline::GLOBAL_ATTENTION_TOKENS,
+    }
+}
