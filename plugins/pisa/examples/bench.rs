@@ -3,7 +3,7 @@
 //! rank-4 LoRA on all 258 modules of both families (the maths and the cost are the weights'
 //! shapes, not their values), and the pipeline runs as a job does.
 //!
-//! cargo run --release -p tessera-pisa --example bench -- [WIDTH HEIGHT] [--default]
+//! cargo run --release -p tessera-pisa --example bench -- [WIDTH HEIGHT] [--default] [--memory-mb N [--vae-norm estimate|exact]]
 //! (input size in pixels, default 128 128: a 512×512 result)
 
 use std::collections::HashMap;
@@ -11,7 +11,8 @@ use std::time::Instant;
 
 use candle_core::{Device, Tensor};
 use tessera_pisa::colour::ColourFix;
-use tessera_pisa::pipeline::{Latents, Pipeline, Planes, Tiling};
+use tessera_pisa::budget;
+use tessera_pisa::pipeline::{Latents, Pipeline, Planes, Tiling, VaeNorm};
 use tessera_pisa_model::checkpoint::{self, PisaLora};
 use tessera_pisa_model::config::{UNetConfig, VaeConfig};
 use tessera_pisa_model::error::ModelError;
@@ -63,7 +64,10 @@ fn rss_mib(field: &str) -> f64 {
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let adjustable = !args.iter().any(|a| a == "--default");
-    let nums: Vec<usize> = args.iter().filter_map(|a| a.parse().ok()).collect();
+    let flag = |name: &str| args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).cloned();
+    let memory_mb: Option<usize> = flag("--memory-mb").and_then(|v| v.parse().ok());
+    let vae_norm = flag("--vae-norm").map(|v| VaeNorm::parse(&v).expect("vae_norm: estimate, estimate:N or exact")).unwrap_or(VaeNorm::Estimate(1));
+    let nums: Vec<usize> = args.iter().filter(|a| !a.starts_with("--")).filter(|a| Some(*a) != flag("--memory-mb").as_ref()).filter_map(|a| a.parse().ok()).collect();
     let (w, h) = (nums.first().copied().unwrap_or(128), nums.get(1).copied().unwrap_or(128));
     let dev = Device::Cpu;
     let unet_cfg: UNetConfig = serde_json::from_str(UNET).unwrap();
@@ -93,8 +97,19 @@ fn main() {
 
     let (ow, oh) = (4 * w, 4 * h);
     let bicubic = Planes { width: ow, height: oh, data: (0..3 * ow * oh).map(|i| ((i * 7919) % 1000) as f32 / 1000.0).collect() };
-    let pipe = Pipeline { model: &model, ctx: Ctx::default(), tiling: Tiling::untiled() };
-    let before = rss_mib("VmHWM:");
+    // Untiled unless given a budget; then tiled as a job with that memory_mb is.
+    let (ctx, tiling) = match memory_mb {
+        None => (Ctx::default(), Tiling::untiled()),
+        Some(mb) => {
+            let r = budget::Request { memory_mb: mb, unet_tile: 96, unet_overlap: 32, vae_tile: 0, vae_norm };
+            budget::settle(&model.unet.config, &model.vae.config, ow, oh, &r, 256)
+        }
+    };
+    println!("tiling: {tiling:?}");
+    let pipe = Pipeline { model: &model, ctx, tiling };
+    // The job's own peak: the high-water mark restarts from here (Linux: clear_refs 5).
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+    let before = rss_mib("VmRSS:");
     let t = Instant::now();
     let z_l = pipe.encode(&bicubic, &mut |_| Ok(())).unwrap();
     let encode = t.elapsed().as_secs_f64();
@@ -116,5 +131,6 @@ fn main() {
     println!("  decode      {decode:8.2} s  (×{decodes} per job: x_full and x_pix; an exact render is one)");
     println!("  colour fix  {fix:8.3} s");
     println!("  job total   {:8.2} s", encode + unet_s + decodes * decode + decodes * fix);
-    println!("  peak RSS    {:8.0} MiB (weights and set-up {before:.0} MiB)", rss_mib("VmHWM:"));
+    let peak = rss_mib("VmHWM:");
+    println!("  peak RSS    {peak:8.0} MiB ({before:.0} MiB before the job: weights; the job's own {:.0} MiB)", peak - before);
 }

@@ -5,7 +5,7 @@
 
 use tessera_pisa_model::config::{UNetConfig, VaeConfig};
 
-use crate::pipeline::Tiling;
+use crate::pipeline::{Tiling, VaeNorm};
 
 const F32: usize = 4;
 
@@ -16,7 +16,7 @@ pub struct Request {
     pub unet_tile: usize,
     pub unet_overlap: usize,
     pub vae_tile: usize,
-    pub vae_norm: crate::pipeline::VaeNorm,
+    pub vae_norm: VaeNorm,
 }
 
 /// The default budget: half the memory the machine has free now, at least 1 GiB.
@@ -79,9 +79,16 @@ fn largest(budget: usize, cost: impl Fn(usize) -> usize) -> usize {
     t
 }
 
-/// PiSA-SR's VAE halos, in latent pixels: 32 px for the encoder, 11 latent for the decoder.
-pub const ENCODER_HALO: usize = 4;
-pub const DECODER_HALO: usize = 11;
+/// The VAE tiles' halos, in latent pixels, (encoder, decoder): PiSA-SR's 32 px and 11 latent
+/// with estimated statistics; with exact ones, as far as the SD VAE's convolutions reach
+/// (about 14 and 17 latent pixels in theory; tiles of the small test model equal the whole
+/// image to 110 dB and more with 12 and 16).
+pub fn halos(norm: VaeNorm) -> (usize, usize) {
+    match norm {
+        VaeNorm::Exact => (12, 16),
+        VaeNorm::Estimate(_) => (4, 11),
+    }
+}
 
 /// Tiles for an image of `width × height` output pixels.
 pub fn plan(unet: &UNetConfig, vae: &VaeConfig, width: usize, height: usize, r: &Request, scratch: usize) -> Tiling {
@@ -98,14 +105,26 @@ pub fn plan(unet: &UNetConfig, vae: &VaeConfig, width: usize, height: usize, r: 
             largest(budget, |t| cost(t, t)).saturating_sub(2 * halo).max(8)
         }
     };
+    let (encoder_halo, decoder_halo) = halos(r.vae_norm);
     Tiling {
         unet_tile,
         unet_overlap: r.unet_overlap,
-        encoder_tile: vae_tile(ENCODER_HALO, &|a, b| encoder_bytes(vae, a, b, scratch)),
-        encoder_halo: ENCODER_HALO,
-        decoder_tile: vae_tile(DECODER_HALO, &|a, b| decoder_bytes(vae, a, b, scratch)),
-        decoder_halo: DECODER_HALO,
+        encoder_tile: vae_tile(encoder_halo, &|a, b| encoder_bytes(vae, a, b, scratch)),
+        encoder_halo,
+        decoder_tile: vae_tile(decoder_halo, &|a, b| decoder_bytes(vae, a, b, scratch)),
+        decoder_halo,
         vae_norm: r.vae_norm,
         global_attention_tokens: crate::pipeline::GLOBAL_ATTENTION_TOKENS,
     }
+}
+
+/// The context and tiles a job runs with: attention chunks and convolution bands take an
+/// eighth of the budget each, the rest sizes the tiles.
+pub fn settle(unet: &UNetConfig, vae: &VaeConfig, width: usize, height: usize, r: &Request, attention_mb: usize) -> (tessera_pisa_model::nn::Ctx, Tiling) {
+    let budget = r.memory_mb << 20;
+    let base = tessera_pisa_model::nn::Ctx::default();
+    let ctx = tessera_pisa_model::nn::Ctx { attention_bytes: (attention_mb << 20).min(budget / 8), conv_bytes: base.conv_bytes.min(budget / 8), ..base };
+    let scratch = ctx.attention_bytes * 2 + ctx.conv_bytes * 2;
+    let tiling = plan(unet, vae, width, height, r, scratch);
+    (ctx, tiling)
 }

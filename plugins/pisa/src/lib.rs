@@ -15,7 +15,6 @@ use std::path::PathBuf;
 
 use candle_core::Device;
 use serde_json::{json, Value};
-use tessera_pisa_model::nn::Ctx;
 use tessera_pisa_model::store::PisaModel;
 use tessera_plugin_abi::pixels::ImageMut;
 use tessera_plugin_abi::{export_plugin, Engine, EngineError, Job};
@@ -135,15 +134,11 @@ impl Engine for Pisa {
             self.loaded = Some((job.model.clone(), model));
         }
         let (_, model) = self.loaded.as_ref().expect("loaded above");
-        // Attention chunks and convolution bands take their share of the budget.
-        let budget_bytes = request.memory_mb << 20;
-        let ctx = Ctx { attention_bytes: (attention_mb << 20).min(budget_bytes / 8), conv_bytes: Ctx::default().conv_bytes.min(budget_bytes / 8), ..Ctx::default() };
-        let scratch = ctx.attention_bytes * 2 + ctx.conv_bytes * 2;
         let render = RenderRequest::from_params(&job.params)?;
 
         let base = base_image(job);
         let bicubic = base.rgb();
-        let tiling = budget::plan(&model.unet.config, &model.vae.config, bicubic.width, bicubic.height, &request, scratch);
+        let (ctx, tiling) = budget::settle(&model.unet.config, &model.vae.config, bicubic.width, bicubic.height, &request, attention_mb);
         let pipe = Pipeline { model, ctx, tiling };
         // An exact render starts from the job's kept latents; a job, or a render whose
         // latents are gone (or lack ε_pix), runs the encoder and the UNet.
