@@ -9,12 +9,14 @@ import json
 import os
 import shutil
 import subprocess
+import zipfile
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from harness import ROOT, Daemon, bin_dir
+from harness import ROOT, Daemon, bin_dir, tessera_cli
+from pngio import read_png, write_png
 
 # The rig .ci/run found and set up, else the shared folder beside the repository's.
 RIG = os.environ.get("TESSERA_GIMP_RIG") or next(
@@ -265,3 +267,66 @@ def test_one_undo_restores_the_original(tmp_path, plugin_dir, store):
     assert report["before"] == {"size": [40, 32], "layers": [["Background", True]]}
     assert report["after"]["size"] == [160, 128] and len(report["after"]["layers"]) == 2
     assert report["after_undo"] == report["before"]
+
+
+def cli_ora(tmp_path, store, src, model="srgan-pair"):
+    """`tessera upscale SRC -o OUT.ora` as a user runs it."""
+    out = tmp_path / "cli.ora"
+    with Daemon(tmp_path / "cli-rt", env={"TESSERA_MODEL_DIR": str(store)}) as d:
+        r = tessera_cli(dict(os.environ, TESSERA_MODEL_DIR=str(store)), "--socket", d.socket,
+                        "upscale", src, "-o", str(out), "--model", model)
+    assert r.returncode == 0, r.stderr
+    return out
+
+
+@pytest.mark.parametrize("kind", ["8-bit RGB", "16-bit RGB"])
+def test_a_tessera_ora_opens_with_its_blend_modes(tmp_path, plugin_dir, store, kind):
+    """File → Open on the CLI's .ora: the detail layers are Grain Merge (GIMP's own loader
+    would make them Normal), the bit depth is the file's, and GIMP's composite is the one
+    Tessera wrote as mergedimage.png."""
+    if kind == "8-bit RGB":
+        src = picture(tmp_path / "in.png", "RGB")
+    else:
+        rgb = np.asarray(Image.open(picture(tmp_path / "in8.png", "RGB")), np.uint16) * 257
+        src = str(tmp_path / "in.png")
+        write_png(src, rgb)
+    ora = cli_ora(tmp_path, store, src)
+    report, pixels = run_gimp(tmp_path, plugin_dir, store, {"open": str(ora)})
+    after = report["after"]
+    assert after["precision"] == ("u8-non-linear" if kind == "8-bit RGB" else "u16-non-linear")
+    group = after["layers"][0]
+    assert group["name"] == "Tessera ×4 srgan-pair · in"
+    children = {c["name"].split("· ")[-1]: c for c in group["children"]}
+    assert [c["name"].split("· ")[-1] for c in group["children"]] == ["semantic detail", "pixel detail", "base"]
+    assert children["base"]["mode"] == "normal"
+    for role in ("pixel detail", "semantic detail"):
+        assert children[role]["mode"] == "grain-merge"
+        assert children[role]["blend_space"] == "rgb-perceptual"
+        assert children[role]["composite"] == "clip-to-backdrop"
+    with zipfile.ZipFile(ora) as zf:
+        want = read_png(zf.read("mergedimage.png"))
+    top = 255.0 if want.dtype == np.uint8 else 65535.0
+    got = pixels("composite")
+    if want.shape[-1] == 3:
+        assert got[..., 3].min() == 1.0
+    else:
+        assert np.abs(got[..., 3] * top - want[..., 3]).max() <= 0.5
+    levels = np.abs(got[..., :3] * top - want[..., :3])
+    assert levels.max() <= 1.0 + 1e-3, levels.max()
+
+
+def test_an_ora_without_krita_modes_opens_through_gimps_own_loader(tmp_path, plugin_dir, store):
+    png = tmp_path / "layer.png"
+    write_png(str(png), np.full((8, 12, 3), 40000, np.uint16))
+    ora = tmp_path / "plain.ora"
+    with zipfile.ZipFile(ora, "w") as zf:
+        zf.writestr("mimetype", "image/openraster", compress_type=zipfile.ZIP_STORED)
+        zf.writestr("stack.xml", '<?xml version="1.0"?><image w="12" h="8"><stack>'
+                    '<layer name="flat" src="data/flat.png" composite-op="svg:multiply" opacity="0.5"/></stack></image>')
+        zf.write(png, "data/flat.png")
+    report, _ = run_gimp(tmp_path, plugin_dir, store, {"open": str(ora)})
+    after = report["after"]
+    # GIMP's own loader makes every image 8-bit (Tessera's would have kept the 16 bits).
+    assert after["precision"] == "u8-non-linear"
+    (layer,) = after["layers"]
+    assert (layer["name"], layer["mode"], layer["opacity"]) == ("flat", "multiply", 50.0)

@@ -2,7 +2,8 @@
 it up as the spec says, calls Tessera Upscale through the PDB and reports what GIMP then
 holds. Argument: a JSON spec (see tests/test_gimp.py); writes `spec["out"]` (JSON) and, next
 to it, the raw float pixels of the source layer (`.src.f32`) and of the result's composite
-(`.out.f32`), both in the document's own space."""
+(`.out.f32`), both in the document's own space. With `spec["open"]` it only opens that file
+(File → Open: GIMP picks the loader) and reports the image and its composite."""
 
 import array
 import json
@@ -97,47 +98,59 @@ def _wait_connect(tessera_client):
             time.sleep(0.1)
 
 
-image = Gimp.file_load(Gimp.RunMode.NONINTERACTIVE, Gio.File.new_for_path(spec["input"]))
-if spec.get("grey"):
-    image.convert_grayscale()
-if spec.get("indexed"):
-    image.convert_indexed(Gimp.ConvertDitherType.NONE, Gimp.ConvertPaletteType.GENERATE, 64, False, False, "")
-if spec.get("precision"):
-    image.convert_precision(getattr(Gimp.Precision, spec["precision"]))
-if spec.get("select"):
-    image.select_rectangle(Gimp.ChannelOps.REPLACE, *spec["select"])
-source = image.get_layers()[0]
-report = {"before": snapshot(image), "source": dump(image, source, spec["out"] + ".src.f32")}
-
-proc = Gimp.get_pdb().lookup_procedure("plug-in-tessera-upscale")
-assert proc is not None, "plug-in-tessera-upscale is not registered"
-config = proc.create_config()
-config.set_property("run-mode", Gimp.RunMode.NONINTERACTIVE)
-config.set_property("image", image)
-config.set_core_object_array("drawables", [source])
-for key, value in spec.get("settings", {}).items():
-    config.set_property(key, value)
-
-killer = None
-if spec.get("cancel"):
-    killer = threading.Thread(target=kill_plugin_when_busy, args=(report,))
-    killer.start()
-t0 = time.monotonic()
-result = proc.run(config)
-report["seconds"] = time.monotonic() - t0
-if killer is not None:
-    killer.join()
-report["status"] = result.index(0).value_nick
-if result.index(0) != Gimp.PDBStatusType.SUCCESS:
-    report["error"] = str(result.index(1)) if result.length() > 1 else ""
-else:
-    out_image = result.index(1)
-    report["result_is_source"] = out_image == image
-    report["after"] = snapshot(out_image)
-    dup = out_image.duplicate()
-    merged = dup.merge_visible_layers(Gimp.MergeType.CLIP_TO_IMAGE)
-    report["composite"] = dump(dup, merged, spec["out"] + ".out.f32")
+def merged(image, path):
+    dup = image.duplicate()
+    layer = dup.merge_visible_layers(Gimp.MergeType.CLIP_TO_IMAGE)
+    out = dump(dup, layer, path)
     dup.delete()
-report["unchanged"] = snapshot(image) == report["before"]
-with open(spec["out"], "w") as f:
-    json.dump(report, f)
+    return out
+
+
+if spec.get("open"):
+    # Only open a file, as File → Open does (whichever loader GIMP picks), and report it.
+    image = Gimp.file_load(Gimp.RunMode.NONINTERACTIVE, Gio.File.new_for_path(spec["open"]))
+    report = {"after": snapshot(image), "composite": merged(image, spec["out"] + ".out.f32")}
+    with open(spec["out"], "w") as f:
+        json.dump(report, f)
+else:
+    image = Gimp.file_load(Gimp.RunMode.NONINTERACTIVE, Gio.File.new_for_path(spec["input"]))
+    if spec.get("grey"):
+        image.convert_grayscale()
+    if spec.get("indexed"):
+        image.convert_indexed(Gimp.ConvertDitherType.NONE, Gimp.ConvertPaletteType.GENERATE, 64, False, False, "")
+    if spec.get("precision"):
+        image.convert_precision(getattr(Gimp.Precision, spec["precision"]))
+    if spec.get("select"):
+        image.select_rectangle(Gimp.ChannelOps.REPLACE, *spec["select"])
+    source = image.get_layers()[0]
+    report = {"before": snapshot(image), "source": dump(image, source, spec["out"] + ".src.f32")}
+
+    proc = Gimp.get_pdb().lookup_procedure("plug-in-tessera-upscale")
+    assert proc is not None, "plug-in-tessera-upscale is not registered"
+    config = proc.create_config()
+    config.set_property("run-mode", Gimp.RunMode.NONINTERACTIVE)
+    config.set_property("image", image)
+    config.set_core_object_array("drawables", [source])
+    for key, value in spec.get("settings", {}).items():
+        config.set_property(key, value)
+
+    killer = None
+    if spec.get("cancel"):
+        killer = threading.Thread(target=kill_plugin_when_busy, args=(report,))
+        killer.start()
+    t0 = time.monotonic()
+    result = proc.run(config)
+    report["seconds"] = time.monotonic() - t0
+    if killer is not None:
+        killer.join()
+    report["status"] = result.index(0).value_nick
+    if result.index(0) != Gimp.PDBStatusType.SUCCESS:
+        report["error"] = str(result.index(1)) if result.length() > 1 else ""
+    else:
+        out_image = result.index(1)
+        report["result_is_source"] = out_image == image
+        report["after"] = snapshot(out_image)
+        report["composite"] = merged(out_image, spec["out"] + ".out.f32")
+    report["unchanged"] = snapshot(image) == report["before"]
+    with open(spec["out"], "w") as f:
+        json.dump(report, f)

@@ -6,21 +6,30 @@ pixel detail, semantic detail) as a layer group to blend by hand. All model work
 the Tessera daemon (started on demand); this file only moves pixels between GIMP and the
 shared Python client (`tessera_client`, installed next to this file).
 
+It also opens OpenRaster files whose layers use Krita's blend modes (Tessera's CLI writes its
+detail layers as `krita:grain_merge`) with those modes: GIMP's own .ora loader knows only the
+SVG ones and opens every other layer as Normal.
+
 GIMP 3 registers a Python plug-in only as plug-ins/tessera-upscale/tessera-upscale.py,
 executable.
 """
 
 import json
 import os
+import shutil
 import sys
+import tempfile
+import xml.etree.ElementTree as ET
+import zipfile
 
 import gi
 
 gi.require_version("Gimp", "3.0")
 gi.require_version("Gegl", "0.4")
-from gi.repository import Gegl, Gimp, GLib, GObject  # noqa: E402
+from gi.repository import Gegl, Gimp, Gio, GLib, GObject  # noqa: E402
 
 PROC = "plug-in-tessera-upscale"
+LOAD_PROC = "file-tessera-openraster-load"
 PARASITE = "tessera-settings"
 RW = GObject.ParamFlags.READWRITE
 
@@ -307,14 +316,150 @@ def ask(procedure, config):
     return ok
 
 
+# OpenRaster composite ops. The SVG ones as GIMP's own loader maps them; the Krita ones it
+# does not know ("krita:" + Krita's op id, as Krita and Tessera write them).
+SVG_MODES = {
+    "svg:src-over": Gimp.LayerMode.NORMAL, "svg:multiply": Gimp.LayerMode.MULTIPLY,
+    "svg:screen": Gimp.LayerMode.SCREEN, "svg:overlay": Gimp.LayerMode.OVERLAY,
+    "svg:darken": Gimp.LayerMode.DARKEN_ONLY, "svg:lighten": Gimp.LayerMode.LIGHTEN_ONLY,
+    "svg:color-dodge": Gimp.LayerMode.DODGE, "svg:color-burn": Gimp.LayerMode.BURN,
+    "svg:hard-light": Gimp.LayerMode.HARDLIGHT, "svg:soft-light": Gimp.LayerMode.SOFTLIGHT,
+    "svg:difference": Gimp.LayerMode.DIFFERENCE, "svg:color": Gimp.LayerMode.HSL_COLOR,
+    "svg:luminosity": Gimp.LayerMode.HSV_VALUE, "svg:hue": Gimp.LayerMode.HSV_HUE,
+    "svg:saturation": Gimp.LayerMode.HSV_SATURATION, "svg:plus": Gimp.LayerMode.ADDITION,
+}
+KRITA_MODES = {
+    "krita:grain_merge": Gimp.LayerMode.GRAIN_MERGE, "krita:grain_extract": Gimp.LayerMode.GRAIN_EXTRACT,
+    "krita:add": Gimp.LayerMode.ADDITION, "krita:subtract": Gimp.LayerMode.SUBTRACT,
+    "krita:divide": Gimp.LayerMode.DIVIDE, "krita:exclusion": Gimp.LayerMode.EXCLUSION,
+    "krita:linear_burn": Gimp.LayerMode.LINEAR_BURN,
+}
+
+
+def ora_stack(ora):
+    """The root <image> of an .ora's stack.xml."""
+    root = ET.fromstring(ora.read("stack.xml"))
+    if root.tag != "image" or root.find("stack") is None:
+        raise ValueError("stack.xml has no <image><stack>")
+    return root
+
+
+def uses_krita_modes(root):
+    return any(e.get("composite-op") in KRITA_MODES for e in root.iter() if e.tag in ("layer", "stack"))
+
+
+def png_layers(stack):
+    return [e for e in stack.iter("layer") if e.get("src", "").lower().endswith(".png")]
+
+
+def load_openraster(ora, root):
+    """A new image holding the .ora's layers and groups with their blend modes, at the layers'
+    own bit depth (GIMP's loader makes every image 8-bit)."""
+    stack = root.find("stack")
+    heads = []
+    for e in png_layers(stack):
+        with ora.open(e.get("src")) as f:
+            heads.append(f.read(26))  # PNG signature and IHDR: bit depth at 24, colour type at 25
+    if any(len(h) < 26 or not h.startswith(b"\x89PNG") for h in heads):
+        raise ValueError("a layer is not a PNG file")
+    deep = any(h[24] == 16 for h in heads)
+    grey = bool(heads) and all(h[25] in (0, 4) for h in heads)
+    image = Gimp.Image.new_with_precision(
+        int(root.get("w")), int(root.get("h")),
+        Gimp.ImageBaseType.GRAY if grey else Gimp.ImageBaseType.RGB,
+        Gimp.Precision.U16_NON_LINEAR if deep else Gimp.Precision.U8_NON_LINEAR)
+    tmp = tempfile.mkdtemp(prefix="tessera-ora-")
+    try:
+        add_stack(image, ora, stack, None, tmp)
+    except Exception:
+        image.delete()
+        raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return image
+
+
+def add_stack(image, ora, stack, parent, tmp):
+    """Adds `stack`'s children under `parent`, topmost first as OpenRaster lists them."""
+    position = 0
+    for item in stack:
+        src = item.get("src", "")
+        if item.tag == "stack":
+            layer = Gimp.GroupLayer.new(image, item.get("name", ""))
+        elif item.tag == "layer" and src.lower().endswith(".png"):
+            path = os.path.join(tmp, "layer.png")  # GIMP loads layers from files only
+            with open(path, "wb") as f:
+                f.write(ora.read(src))
+            layer = Gimp.file_load_layer(Gimp.RunMode.NONINTERACTIVE, image, Gio.File.new_for_path(path))
+            layer.set_name(item.get("name") or os.path.splitext(os.path.basename(src))[0])
+        else:
+            continue
+        image.insert_layer(layer, parent, position)
+        position += 1
+        if item.tag == "layer":
+            layer.set_offsets(int(item.get("x", "0")), int(item.get("y", "0")))
+        layer.set_opacity(100.0 * float(item.get("opacity", "1.0")))
+        layer.set_visible(item.get("visibility", "visible") != "hidden")
+        op = item.get("composite-op", "svg:src-over")
+        if op in KRITA_MODES:
+            layer.set_mode(KRITA_MODES[op])
+            # Krita blends the stored values as they are, and these layers (Tessera's detail
+            # layers) add detail, not coverage: as the plug-in's own result layers do.
+            layer.set_blend_space(Gimp.LayerColorSpace.RGB_PERCEPTUAL)
+            layer.set_composite_space(Gimp.LayerColorSpace.RGB_PERCEPTUAL)
+            layer.set_composite_mode(Gimp.LayerCompositeMode.CLIP_TO_BACKDROP)
+        else:
+            layer.set_mode(SVG_MODES.get(op, Gimp.LayerMode.NORMAL))
+        if item.tag == "stack":
+            add_stack(image, ora, item, layer, tmp)
+
+
+def load(procedure, run_mode, file, metadata, flags, config, data):
+    """.ora files that use Krita's modes open here; all others through GIMP's own loader."""
+    path = file.get_path()
+    try:
+        with zipfile.ZipFile(path) as ora:
+            root = ora_stack(ora)
+            if uses_krita_modes(root):
+                image = load_openraster(ora, root)
+                return Gimp.ValueArray.new_from_values([
+                    GObject.Value(Gimp.PDBStatusType, Gimp.PDBStatusType.SUCCESS),
+                    GObject.Value(Gimp.Image, image)]), flags
+    except (OSError, KeyError, ValueError, TypeError, zipfile.BadZipFile, ET.ParseError) as e:
+        return procedure.new_return_values(
+            Gimp.PDBStatusType.EXECUTION_ERROR,
+            GLib.Error("%s is not an OpenRaster file GIMP can open: %s" % (path, e))), flags
+    gimp_own = Gimp.get_pdb().lookup_procedure("file-openraster-load")
+    cfg = gimp_own.create_config()
+    cfg.set_property("run-mode", run_mode)
+    cfg.set_property("file", file)
+    return gimp_own.run(cfg), flags
+
+
 class TesseraUpscale(Gimp.PlugIn):
     def do_query_procedures(self):
-        return [PROC]
+        return [PROC, LOAD_PROC]
 
     def do_set_i18n(self, name):
         return False
 
     def do_create_procedure(self, name):
+        if name == LOAD_PROC:
+            p = Gimp.LoadProcedure.new(self, name, Gimp.PDBProcType.PLUGIN, load, None)
+            p.set_menu_label("OpenRaster (Krita and Tessera blend modes)")
+            p.set_documentation(
+                "Load an OpenRaster (.ora) file with Krita's blend modes",
+                "Opens .ora files whose layers use Krita's blend modes (grain merge, add, subtract, "
+                "divide...: Tessera's detail layers are grain merge) with those modes and at the "
+                "layers' bit depth; every other .ora opens through GIMP's own loader.",
+                name)
+            p.set_attribution("Tessera", "Tessera", "2026")
+            p.set_mime_types("image/openraster")
+            p.set_extensions("ora")
+            # Ahead of GIMP's own loader (priority 0), which it calls for ordinary files.
+            p.set_priority(-1)
+            p.set_thumbnail_loader("file-openraster-load-thumb")
+            return p
         p = Gimp.ImageProcedure.new(self, name, Gimp.PDBProcType.PLUGIN, self.run, None)
         p.set_image_types("*")
         p.set_sensitivity_mask(Gimp.ProcedureSensitivityMask.DRAWABLE)

@@ -4,7 +4,16 @@
 //! shapes, not their values), and the pipeline runs as a job does.
 //!
 //! cargo run --release -p tessera-pisa --example bench -- [WIDTH HEIGHT] [--default] [--memory-mb N [--vae-norm estimate|exact]]
+//!     [--weights DIR [--save FILE]] [--json]
 //! (input size in pixels, default 128 128: a 512×512 result)
+//!
+//! `--weights DIR` takes the UNet and VAE from a diffusers-layout folder (`unet/` and `vae/`,
+//! each `config.json` and `diffusion_pytorch_model.safetensors`) and the text embedding from
+//! `DIR/embedding.safetensors` (`embedding`, `[1, 77, hidden]`), as `tests/bench/pisa_vs_runtimes.py`
+//! writes them for every runtime; the LoRA is then rank 4 with B = 0, so it costs what a real one
+//! does and changes nothing, and the results equal the plain networks'. `--save FILE` writes
+//! `z_l`, `eps_full` and `x_full` (decoded at λ = (1, 1), before the colour fix) for comparison,
+//! `--json` a last line of figures.
 
 use std::collections::HashMap;
 use std::time::Instant;
@@ -61,20 +70,43 @@ fn rss_mib(field: &str) -> f64 {
     status.lines().find(|l| l.starts_with(field)).and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok()).unwrap_or(0.0) / 1024.0
 }
 
+/// The folder's networks (its own configs) and embedding.
+fn load_folder(dir: &std::path::Path) -> (UNetConfig, Weights, Vae, Tensor) {
+    let dev = Device::Cpu;
+    let config = |net: &str| std::fs::read_to_string(dir.join(net).join("config.json")).unwrap_or_else(|e| panic!("{}/{net}/config.json: {e}", dir.display()));
+    let unet_cfg: UNetConfig = serde_json::from_str(&config("unet")).expect("unet/config.json");
+    let vae_cfg: VaeConfig = serde_json::from_str(&config("vae")).expect("vae/config.json");
+    let read = |net: &str| Weights::read(&dir.join(net).join("diffusion_pytorch_model.safetensors"), &dev).unwrap_or_else(|e| panic!("{e}"));
+    let unet_w = read("unet");
+    let vae = Vae::load(&read("vae").root(), &vae_cfg).unwrap_or_else(|e| panic!("{e}"));
+    let embedding = Weights::read(&dir.join("embedding.safetensors"), &dev).unwrap_or_else(|e| panic!("{e}")).get("embedding").expect("embedding").clone();
+    (unet_cfg, unet_w, vae, embedding)
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let adjustable = !args.iter().any(|a| a == "--default");
     let flag = |name: &str| args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).cloned();
     let memory_mb: Option<usize> = flag("--memory-mb").and_then(|v| v.parse().ok());
     let vae_norm = flag("--vae-norm").map(|v| VaeNorm::parse(&v).expect("vae_norm: estimate, estimate:N or exact")).unwrap_or(VaeNorm::Estimate(1));
+    let weights_dir = flag("--weights").map(std::path::PathBuf::from);
+    let save = flag("--save");
+    let json = args.iter().any(|a| a == "--json");
     let nums: Vec<usize> = args.iter().filter(|a| !a.starts_with("--")).filter(|a| Some(*a) != flag("--memory-mb").as_ref()).filter_map(|a| a.parse().ok()).collect();
     let (w, h) = (nums.first().copied().unwrap_or(128), nums.get(1).copied().unwrap_or(128));
     let dev = Device::Cpu;
-    let unet_cfg: UNetConfig = serde_json::from_str(UNET).unwrap();
-    let vae_cfg: VaeConfig = serde_json::from_str(VAE).unwrap();
-
     let t = Instant::now();
-    let (unet_w, _) = random_weights(|w| UNet::load(&w.root(), None, &unet_cfg));
+    let (unet_cfg, unet_w, vae, embedding) = match &weights_dir {
+        Some(dir) => load_folder(dir),
+        None => {
+            let unet_cfg: UNetConfig = serde_json::from_str(UNET).unwrap();
+            let vae_cfg: VaeConfig = serde_json::from_str(VAE).unwrap();
+            let (unet_w, _) = random_weights(|w| UNet::load(&w.root(), None, &unet_cfg));
+            let (_, vae) = random_weights(|w| Vae::load(&w.root(), &vae_cfg));
+            (unet_cfg, unet_w, vae, Tensor::randn(0f32, 1.0, (1, 77, 1024), &dev).unwrap())
+        }
+    };
+    let b_scale = if weights_dir.is_some() { 0.0 } else { 0.01 };
     let mut lora_tensors = Vec::new();
     for module in checkpoint::target_modules(&unet_w.used_keys()) {
         let shape = unet_w.get(&format!("{module}.weight")).unwrap().dims().to_vec();
@@ -84,14 +116,13 @@ fn main() {
         let group = checkpoint::group_of(&module);
         for fam in ["pix", "sem"] {
             lora_tensors.push((format!("{module}.lora_A.default_{group}_{fam}.weight"), Tensor::randn(0f32, 0.01, a.as_slice(), &dev).unwrap()));
-            lora_tensors.push((format!("{module}.lora_B.default_{group}_{fam}.weight"), Tensor::randn(0f32, 0.01, b.as_slice(), &dev).unwrap()));
+            let b = (Tensor::randn(0f32, 1.0, b.as_slice(), &dev).unwrap() * b_scale).unwrap();
+            lora_tensors.push((format!("{module}.lora_B.default_{group}_{fam}.weight"), b));
         }
     }
     let lora = PisaLora::from_tensors(lora_tensors, "random", &dev).unwrap();
     let unet = store::build_unet(&unet_w, &unet_cfg, lora).unwrap();
     drop(unet_w);
-    let (_, vae) = random_weights(|w| Vae::load(&w.root(), &vae_cfg));
-    let embedding = Tensor::randn(0f32, 1.0, (1, 77, 1024), &dev).unwrap();
     let model = PisaModel { unet, vae, embedding };
     eprintln!("built SD2.1-base-sized networks with random weights and LoRA in {:.1} s (RSS {:.0} MiB)", t.elapsed().as_secs_f64(), rss_mib("VmRSS:"));
 
@@ -120,6 +151,7 @@ fn main() {
     let t = Instant::now();
     let mut x = pipe.render(&latents, 1.0, 1.0, ColourFix::None, &bicubic, &mut |_| Ok(())).unwrap();
     let decode = t.elapsed().as_secs_f64();
+    let x_raw = save.as_ref().map(|_| x.data.clone());
     let t = Instant::now();
     ColourFix::AdaIn.apply(&mut x, &bicubic);
     let fix = t.elapsed().as_secs_f64();
@@ -133,4 +165,16 @@ fn main() {
     println!("  job total   {:8.2} s", encode + unet_s + decodes * decode + decodes * fix);
     let peak = rss_mib("VmHWM:");
     println!("  peak RSS    {peak:8.0} MiB ({before:.0} MiB before the job: weights; the job's own {:.0} MiB)", peak - before);
+    if let (Some(path), Some(x_raw)) = (save, x_raw) {
+        let x_full = Tensor::from_vec(x_raw, (1, 3, oh, ow), &dev).unwrap();
+        let out: HashMap<String, Tensor> =
+            [("z_l".to_string(), latents.z_l.clone()), ("eps_full".to_string(), latents.eps_full.clone()), ("x_full".to_string(), x_full)].into();
+        candle_core::safetensors::save(&out, &path).expect("--save");
+    }
+    if json {
+        println!(
+            "json: {{\"encode\": {encode:.3}, \"unet\": {unet_s:.3}, \"decode\": {decode:.3}, \"job\": {:.3}, \"peak_mib\": {peak:.0}}}",
+            encode + unet_s + decodes * decode + decodes * fix
+        );
+    }
 }
