@@ -152,26 +152,27 @@ def child_convert(args):
     """The three networks as OpenVINO IR, f32, converted from the same diffusers modules."""
     import openvino as ov
     torch, unet, vae, emb = torch_modules(args.work, args.threads)
+    unet.requires_grad_(False)
+    vae.requires_grad_(False)
     n, lat = 4 * args.size, args.size // 2
 
-    class Encoder(torch.nn.Module):
-        def forward(self, x):
-            return vae.encode(x).latent_dist.mean
+    class Net(torch.nn.Module):
+        """The network as a submodule, so its weights are parameters, not traced constants."""
 
-    class Decoder(torch.nn.Module):
-        def forward(self, z):
-            return vae.decode(z).sample
+        def __init__(self, net, forward):
+            super().__init__()
+            self.net, self.run = net, forward
 
-    class UNet(torch.nn.Module):
-        def forward(self, z, ctx):
-            return unet(z, 1, encoder_hidden_states=ctx).sample
+        def forward(self, *xs):
+            return self.run(self.net, *xs)
 
     out = os.path.join(args.work, "ov")
     os.makedirs(out, exist_ok=True)
     with torch.no_grad():
-        for name, module, example in [("encoder", Encoder(), (torch.zeros(1, 3, n, n),)),
-                                      ("unet", UNet(), (torch.zeros(2, 4, lat, lat), emb.repeat(2, 1, 1))),
-                                      ("decoder", Decoder(), (torch.zeros(1, 4, lat, lat),))]:
+        for name, module, example in [
+                ("encoder", Net(vae, lambda v, x: v.encode(x).latent_dist.mean), (torch.zeros(1, 3, n, n),)),
+                ("unet", Net(unet, lambda u, z, c: u(z, 1, encoder_hidden_states=c).sample), (torch.zeros(2, 4, lat, lat), emb.repeat(2, 1, 1))),
+                ("decoder", Net(vae, lambda v, z: v.decode(z).sample), (torch.zeros(1, 4, lat, lat),))]:
             t = time.time()
             ov.save_model(ov.convert_model(module, example_input=example), os.path.join(out, name + ".xml"), compress_to_fp16=False)
             print("converted the %s to OpenVINO IR in %.0f s" % (name, time.time() - t), file=sys.stderr)
