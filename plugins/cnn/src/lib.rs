@@ -15,7 +15,8 @@
 //! channels-last activations ([`winograd`]); images are tiled from a memory budget (`tiled`).
 
 #[macro_use]
-mod simd;
+extern crate tessera_kernels;
+
 mod conv_few;
 pub mod layers;
 mod layers_out;
@@ -23,7 +24,7 @@ pub mod lora;
 pub mod rrdbnet;
 pub mod srresnet;
 mod tiled;
-pub mod winograd;
+pub use tessera_kernels::winograd;
 
 use std::path::{Path, PathBuf};
 

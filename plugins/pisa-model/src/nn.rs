@@ -27,11 +27,14 @@ pub struct Ctx {
     /// The most bytes a convolution's unfolded input (candle's im2col: input channels × k² per
     /// output pixel) may take; larger convolutions run in bands of output rows.
     pub conv_bytes: usize,
+    /// Whether 3×3 convolutions may run by Winograd F(4,3) (a little less precise than
+    /// candle's im2col: about 1e-6 relative per convolution, where im2col is at float rounding).
+    pub winograd: bool,
 }
 
 impl Default for Ctx {
     fn default() -> Ctx {
-        Ctx { lora: None, attention_bytes: 256 << 20, norm: None, conv_bytes: 128 << 20 }
+        Ctx { lora: None, attention_bytes: 256 << 20, norm: None, conv_bytes: 128 << 20, winograd: true }
     }
 }
 
@@ -195,10 +198,16 @@ impl Conv2d {
     }
 
     pub fn forward(&self, x: &Tensor, ctx: &Ctx) -> candle_core::Result<Tensor> {
-        let mut y = banded_conv(x, &self.w, self.padding, self.stride, ctx.conv_bytes)?;
-        if let Some(b) = &self.b {
-            y = y.broadcast_add(&b.reshape((1, (), 1, 1))?)?;
-        }
+        let mut y = match self.winograd_conv(x, ctx)? {
+            Some(y) => y,
+            None => {
+                let y = banded_conv(x, &self.w, self.padding, self.stride, ctx.conv_bytes)?;
+                match &self.b {
+                    Some(b) => y.broadcast_add(&b.reshape((1, (), 1, 1))?)?,
+                    None => y,
+                }
+            }
+        };
         if let (Some(ad), Some(scales)) = (&self.lora, &ctx.lora) {
             let batch = x.dim(0)?;
             let extra = banded_conv(x, &ad.a, self.padding, self.stride, ctx.conv_bytes)?.conv2d(&ad.b, 0, 1, 1, 1)?;
@@ -207,6 +216,39 @@ impl Conv2d {
         Ok(y)
     }
 }
+
+impl Conv2d {
+    /// The convolution with its bias by Winograd F(4,3) ([`tessera_kernels::nchw`]), for the
+    /// 3×3, stride-1 convolutions of f32 CPU activations large enough that transforming the
+    /// weights (on each call: kept transformed they would take 4× their memory) costs little
+    /// against the products; `None` for the rest.
+    fn winograd_conv(&self, x: &Tensor, ctx: &Ctx) -> candle_core::Result<Option<Tensor>> {
+        let (batch, c, h, w) = x.dims4()?;
+        let (o, _, k, _) = self.w.dims4()?;
+        if !ctx.winograd || k != 3 || self.stride != 1 || self.padding != 1 || h * w < WINOGRAD_MIN_PIXELS || !x.device().is_cpu() || x.dtype() != DType::F32 {
+            return Ok(None);
+        }
+        let bias = match &self.b {
+            Some(b) => b.to_dtype(DType::F32)?.to_vec1::<f32>()?,
+            None => vec![0.0; o],
+        };
+        let conv = tessera_kernels::winograd::Winograd::f4_from_oihw(&self.w.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?, bias, o, c);
+        let x = x.contiguous()?;
+        let out = tessera_kernels::winograd::with_slice(&x, |xs| {
+            let mut out = Vec::with_capacity(batch * o * h * w);
+            for item in xs.chunks(c * h * w) {
+                out.extend(tessera_kernels::nchw::conv3x3(&conv, item, h, w, ctx.conv_bytes));
+            }
+            out
+        })?;
+        Ok(Some(Tensor::from_vec(out, (batch, o, h, w), x.device())?))
+    }
+}
+
+/// Below this many pixels (a 32² latent) a 3×3 convolution stays on candle's im2col: the
+/// per-call weight transform would weigh against the products, and the UNet's deepest
+/// levels (1280 channels at 16² and 8²) are all weights.
+const WINOGRAD_MIN_PIXELS: usize = 32 * 32;
 
 /// `x.conv2d(w, padding, stride)`, in bands of output rows whose unfolded input stays within
 /// `bytes` (each band padded with the zeros the whole would see, so the result is the same).

@@ -12,9 +12,10 @@ use std::sync::atomic::AtomicU8;
 
 /// The widest copy the multiversioned functions may pick: 2 AVX-512, 1 AVX2 + FMA, 0 the
 /// baseline. Tests lower it to run every copy on a machine that has them all.
-pub(crate) static MAX_LEVEL: AtomicU8 = AtomicU8::new(2);
+pub static MAX_LEVEL: AtomicU8 = AtomicU8::new(2);
 
 /// `multiversion! { fn name(arg: Type, …) { body } }`: see the module documentation.
+#[macro_export]
 macro_rules! multiversion {
     ($(#[$attr:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $body:block) => {
         $(#[$attr])*

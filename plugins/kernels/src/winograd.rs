@@ -1,5 +1,6 @@
 //! 3×3 convolutions by Winograd's minimal filtering F(2×2, 3×3) and F(4×4, 3×3) (Lavin &
-//! Gray 2016) on channels-last padded activations ([`crate::layers::Padded`]).
+//! Gray 2016) on channels-last padded activations: a (h+3)·(w+2) × C matrix, one pixel of zeros around
+//! and a spare row (the cnn engine's `layers::Padded`, [`crate::nchw`]'s bands).
 //!
 //! Each m×m block of outputs is computed from an (m+2)×(m+2) block of inputs as
 //! `Aᵀ [(G g Gᵀ) ⊙ (Bᵀ d B)] A`: the element-wise product becomes (m+2)² matrix products
@@ -75,7 +76,7 @@ pub enum Activation<'a> {
 }
 
 /// Borrows a contiguous CPU f32 tensor's values.
-pub(crate) fn with_slice<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
+pub fn with_slice<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
     let t = t.contiguous()?;
     let (storage, layout) = t.storage_and_layout();
     match &*storage {
@@ -147,28 +148,51 @@ impl Winograd {
         if (kh, kw) != (3, 3) {
             candle_core::bail!("Winograd F(m,3) is for 3×3 kernels, not {kh}×{kw}");
         }
+        let weight = weight.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        let bias = bias.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        Ok(Winograd::from_oihw(&weight, bias, o, c, g))
+    }
+
+    /// F(4,3) for an (O, C, 3, 3) weight given as values, transformed on every call (the pisa
+    /// engine's convolutions: kept transformed, its weights would take 4× their memory).
+    pub fn f4_from_oihw(weight: &[f32], bias: Vec<f32>, o: usize, c: usize) -> Winograd {
+        Winograd::from_oihw(weight, bias, o, c, &G4)
+    }
+
+    /// `U = G g Gᵀ` as two products (G g, then · Gᵀ) in f64, since F(4,3)'s G has sixths and
+    /// 24ths; input channels in parallel, each giving its (m+2)² rows of O values.
+    fn from_oihw(weight: &[f32], bias: Vec<f32>, o: usize, c: usize, g: &[[f64; 3]]) -> Winograd {
+        assert!(weight.len() == o * c * 9 && bias.len() == o, "the weights do not match the convolution");
         let n = g.len();
-        // In f64: F(4,3)'s G has sixths and 24ths.
-        let k = weight.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?;
-        let mut u = vec![0f32; n * n * c * o];
-        for oc in 0..o {
-            for ic in 0..c {
-                let k = &k[(oc * c + ic) * 9..][..9];
-                for a in 0..n {
-                    for b in 0..n {
-                        let mut s = 0f64;
-                        for i in 0..3 {
-                            for j in 0..3 {
-                                s += g[a][i] * k[i * 3 + j] * g[b][j];
-                            }
+        let rows: Vec<Vec<f32>> = (0..c)
+            .into_par_iter()
+            .map(|ic| {
+                let mut rows = vec![0f32; n * n * o];
+                for oc in 0..o {
+                    let k = &weight[(oc * c + ic) * 9..][..9];
+                    let mut gk = [[0f64; 3]; 6];
+                    for (a, gk) in gk.iter_mut().enumerate().take(n) {
+                        for (j, v) in gk.iter_mut().enumerate() {
+                            *v = (0..3).map(|i| g[a][i] * k[i * 3 + j] as f64).sum();
                         }
-                        u[((a * n + b) * c + ic) * o + oc] = s as f32;
+                    }
+                    for a in 0..n {
+                        for b in 0..n {
+                            let s: f64 = (0..3).map(|j| gk[a][j] * g[b][j]).sum();
+                            rows[(a * n + b) * o + oc] = s as f32;
+                        }
                     }
                 }
+                rows
+            })
+            .collect();
+        let mut u = vec![0f32; n * n * c * o];
+        for (ic, rows) in rows.iter().enumerate() {
+            for ab in 0..n * n {
+                u[(ab * c + ic) * o..][..o].copy_from_slice(&rows[ab * o..][..o]);
             }
         }
-        let bias = bias.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-        Ok(Winograd { m: n - 2, u, bias, c, o })
+        Winograd { m: n - 2, u, bias, c, o }
     }
 
     pub fn in_channels(&self) -> usize {
@@ -591,7 +615,7 @@ fn matmul(lhs: &[f32], lhs_row: usize, rhs: &[f32], dst: &mut [f32], rows: usize
 
 /// `dst = lhs · rhs` for `(rows, k, n)`: lhs row-major, its rows `lhs_row` values apart; rhs
 /// row-major k × n; dst's element (i, j) at `i·dst_step.0 + j·dst_step.1`. On this thread.
-pub(crate) fn matmul_to(lhs: &[f32], lhs_row: usize, rhs: &[f32], dst: &mut [f32], (rows, k, n): (usize, usize, usize), dst_step: (usize, usize)) {
+pub fn matmul_to(lhs: &[f32], lhs_row: usize, rhs: &[f32], dst: &mut [f32], (rows, k, n): (usize, usize, usize), dst_step: (usize, usize)) {
     assert!(rows > 0 && n > 0 && lhs_row >= k);
     assert!(lhs.len() >= (rows - 1) * lhs_row + k && rhs.len() >= k * n);
     assert!(dst.len() > (rows - 1) * dst_step.0 + (n - 1) * dst_step.1);
@@ -625,7 +649,26 @@ pub(crate) fn matmul_to(lhs: &[f32], lhs_row: usize, rhs: &[f32], dst: &mut [f32
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::layers::Padded;
+
+    /// The cnn engine's channels-last padded activations, for these tests.
+    struct Padded {
+        t: Tensor,
+        h: usize,
+        w: usize,
+    }
+
+    impl Padded {
+        fn from_nchw(x: &Tensor) -> Result<Padded> {
+            let (_, c, h, w) = x.dims4()?;
+            let t = x.pad_with_zeros(2, 1, 2)?.pad_with_zeros(3, 1, 1)?.permute((0, 2, 3, 1))?.contiguous()?.reshape(((h + 3) * (w + 2), c))?;
+            Ok(Padded { t, h, w })
+        }
+
+        fn to_nchw(&self) -> Result<Tensor> {
+            let c = self.t.dim(1)?;
+            self.t.reshape((self.h + 3, self.w + 2, c))?.narrow(0, 1, self.h)?.narrow(1, 1, self.w)?.permute((2, 0, 1))?.unsqueeze(0)?.contiguous()
+        }
+    }
 
     #[test]
     fn every_instruction_set_computes_the_same() -> Result<()> {

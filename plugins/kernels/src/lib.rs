@@ -1,0 +1,13 @@
+//! CPU kernels the engines share.
+//!
+//! - [`winograd`]: 3×3 convolutions by Winograd F(2,3) and F(4,3) on channels-last,
+//!   zero-padded activations (the cnn engine keeps its activations in that layout).
+//! - [`nchw`]: the same convolutions on NCHW tensors (the pisa engine's candle layout), in
+//!   bands of rows whose channels-last copies stay within a byte budget.
+//! - [`simd`]: `multiversion!`, functions compiled for the CPU's widest vectors and chosen at
+//!   run time.
+
+#[macro_use]
+pub mod simd;
+pub mod nchw;
+pub mod winograd;
