@@ -279,13 +279,18 @@ def cli_ora(tmp_path, store, src, model="srgan-pair"):
     return out
 
 
-@pytest.mark.parametrize("kind", ["8-bit RGB", "16-bit RGB"])
+@pytest.mark.parametrize("kind", ["8-bit RGB", "16-bit RGB", "16-bit RGBA"])
 def test_a_tessera_ora_opens_with_its_blend_modes(tmp_path, plugin_dir, store, kind):
     """File → Open on the CLI's .ora: the detail layers are Grain Merge (GIMP's own loader
     would make them Normal), the bit depth is the file's, and GIMP's composite is the one
-    Tessera wrote as mergedimage.png."""
+    Tessera wrote as mergedimage.png (with transparency too: each detail layer weighed by its
+    own alpha, clipped to the base's)."""
     if kind == "8-bit RGB":
         src = picture(tmp_path / "in.png", "RGB")
+    elif kind == "16-bit RGBA":
+        rgba = np.asarray(Image.open(picture(tmp_path / "in8.png", "RGBA")), np.uint16) * 257
+        src = str(tmp_path / "in.png")
+        write_png(src, rgba)
     else:
         rgb = np.asarray(Image.open(picture(tmp_path / "in8.png", "RGB")), np.uint16) * 257
         src = str(tmp_path / "in.png")
@@ -311,7 +316,9 @@ def test_a_tessera_ora_opens_with_its_blend_modes(tmp_path, plugin_dir, store, k
         assert got[..., 3].min() == 1.0
     else:
         assert np.abs(got[..., 3] * top - want[..., 3]).max() <= 0.5
-    levels = np.abs(got[..., :3] * top - want[..., :3])
+    # Colour where a pixel shows (premultiplied: where alpha is 0 colour means nothing).
+    alpha = want[..., 3:] / top if want.shape[-1] == 4 else 1.0
+    levels = np.abs(got[..., :3] * top - want[..., :3]) * alpha
     assert levels.max() <= 1.0 + 1e-3, levels.max()
 
 

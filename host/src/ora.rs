@@ -56,6 +56,9 @@ pub fn stack_xml(width: u32, height: u32, group: &str, layers: &[OraLayer<'_>]) 
 
 /// What the editors show for `layers` at their opacities: base, then each residual blended
 /// on top (grain merge: below + layer − 0.5, clamped; addition: below + layer), colour only.
+/// As the editors composite a detail layer clipped to what is below it (GIMP's
+/// clip-to-backdrop, Krita's inherit alpha, which the adapters set): the blend is weighed by
+/// the layer's own alpha as well as its opacity, and the alpha is the base's.
 /// Integer layers of one sample type in, the same type out.
 pub fn composite(layers: &[OraLayer<'_>]) -> Vec<u8> {
     let base = &layers[0];
@@ -77,13 +80,15 @@ pub fn composite(layers: &[OraLayer<'_>]) -> Vec<u8> {
                 let mut v = read(base.data, y * stride_px(base) + x * c + ch);
                 if ch < colour {
                     for r in layers[1..].iter().filter(|r| r.visible) {
-                        let s = read(r.data, y * stride_px(r) + x * c + ch);
+                        let at = y * stride_px(r) + x * c;
+                        let s = read(r.data, at + ch);
+                        let alpha = if l.alpha { read(r.data, at + colour) } else { 1.0 };
                         let blended = match r.blend {
                             Blend::GrainMerge => (v + s - 0.5).clamp(0.0, 1.0),
                             Blend::Addition => v + s,
                             Blend::Normal => s,
                         };
-                        v += r.opacity * (blended - v);
+                        v += r.opacity * alpha * (blended - v);
                     }
                 }
                 let q = (v * max + 0.5).clamp(0.0, max);
@@ -165,6 +170,17 @@ mod tests {
         let expect = |v: f32| ((v / 255.0) * 255.0 + 0.5) as u8;
         assert!(out[..3].iter().all(|&v| v.abs_diff(expect(100.0)) <= 1), "{out:?}");
         assert_eq!(out[3], 200);
+    }
+
+    #[test]
+    fn a_residual_is_weighed_by_its_own_alpha() {
+        // A half-transparent edge pixel (alpha 102 = 0.4, the base's, which residuals carry):
+        // the editors add 0.4 of the +40 detail and keep the base's alpha.
+        let l = Layout::tight(1, 1, 2, SampleType::U8);
+        let base = [100u8, 102];
+        let pix = [168u8, 102];
+        let layers = [layer("b", "base", Blend::Normal, 1.0, l, &base), layer("p", "p", Blend::GrainMerge, 1.0, l, &pix)];
+        assert_eq!(composite(&layers), [116, 102]);
     }
 
     #[test]

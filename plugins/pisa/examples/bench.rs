@@ -4,7 +4,7 @@
 //! shapes, not their values), and the pipeline runs as a job does.
 //!
 //! cargo run --release -p tessera-pisa --example bench -- [WIDTH HEIGHT] [--default] [--memory-mb N [--vae-norm estimate|exact]]
-//!     [--weights DIR [--save FILE]] [--json]
+//!     [--weights DIR [--save FILE]] [--json] [--im2col]
 //! (input size in pixels, default 128 128: a 512×512 result)
 //!
 //! `--weights DIR` takes the UNet and VAE from a diffusers-layout folder (`unet/` and `vae/`,
@@ -136,7 +136,9 @@ fn main() {
             budget::settle(&model.unet.config, &model.vae.config, ow, oh, &r, 256)
         }
     };
-    println!("tiling: {tiling:?}");
+    // `--im2col`: every convolution on candle's im2col + GEMM, as before Winograd.
+    let ctx = Ctx { winograd: !args.iter().any(|a| a == "--im2col"), ..ctx };
+    println!("tiling: {tiling:?}, Winograd convolutions: {}", ctx.winograd);
     let pipe = Pipeline { model: &model, ctx, tiling };
     // The job's own peak: the high-water mark restarts from here (Linux: clear_refs 5).
     let _ = std::fs::write("/proc/self/clear_refs", "5");
