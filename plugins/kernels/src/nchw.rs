@@ -81,7 +81,10 @@ mod tests {
             for bytes in [usize::MAX, 1, (w + 2) * (c + o) * 4 * 9] {
                 let got = conv3x3(&conv, &xs, h, w, bytes);
                 let diff = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
-                assert!(diff < 1e-4, "{c}→{o} at {h}×{w}, {bytes} bytes: {diff}");
+                // F(4,3) is a digit less precise than the direct sum: relative to the outputs'
+                // size, as the Winograd module's own tests bound it.
+                let scale = want.iter().fold(1f32, |m, v| m.max(v.abs()));
+                assert!(diff < 4e-5 * scale, "{c}→{o} at {h}×{w}, {bytes} bytes: {diff} of {scale}");
             }
         }
         Ok(())
