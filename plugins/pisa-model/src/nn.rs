@@ -294,6 +294,17 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, mask: Option<
     let (batch, n_q, inner) = q.dims3()?;
     let n_k = k.dim(1)?;
     let d = inner / heads;
+    if mask.is_none() && q.device().is_cpu() && [q, k, v].iter().all(|t| t.dtype() == DType::F32) {
+        // The blocked kernel: scores in cache, no per-head copies, vectorised exponentials.
+        let shape = tessera_kernels::attention::Shape { batch, n_q, n_k, heads, d };
+        let scale = (d as f32).powf(-0.5);
+        let out = tessera_kernels::winograd::with_slice(q, |q| {
+            tessera_kernels::winograd::with_slice(k, |k| {
+                tessera_kernels::winograd::with_slice(v, |v| tessera_kernels::attention::attention(q, k, v, shape, scale, ctx.attention_bytes))
+            })
+        })???;
+        return Tensor::from_vec(out, (batch, n_q, inner), q.device());
+    }
     let split = |t: &Tensor, n: usize| t.reshape((batch, n, heads, d))?.transpose(1, 2)?.contiguous()?.reshape((batch * heads, n, d));
     let q = (split(q, n_q)? * (d as f64).powf(-0.5))?;
     let kt = split(k, n_k)?.t()?.contiguous()?;
