@@ -4,10 +4,14 @@
 //!   zero-padded activations (the cnn engine keeps its activations in that layout).
 //! - [`nchw`]: the same convolutions on NCHW tensors (the pisa engine's candle layout), in
 //!   bands of rows whose channels-last copies stay within a byte budget.
+//! - [`attention`]: multi-head attention a block of queries at a time, scores kept in cache.
+//! - [`elementwise`]: GroupNorm (+ SiLU) and GEGLU, one pass each, vectorised exponentials.
 //! - [`simd`]: `multiversion!`, functions compiled for the CPU's widest vectors and chosen at
 //!   run time.
 
 #[macro_use]
 pub mod simd;
+pub mod attention;
+pub mod elementwise;
 pub mod nchw;
 pub mod winograd;

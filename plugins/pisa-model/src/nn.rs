@@ -327,13 +327,19 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, mask: Option<
 
 /// GroupNorm then SiLU, the step before most convolutions here.
 pub fn norm_silu(norm: &GroupNorm, x: &Tensor, ctx: &Ctx) -> candle_core::Result<Tensor> {
-    norm.forward(x, ctx.norm.as_ref())?.silu()
+    norm.forward_silu(x, ctx.norm.as_ref())
 }
 
-/// Splits the last dimension in two halves (GEGLU's value and gate).
-pub fn halves(x: &Tensor) -> candle_core::Result<(Tensor, Tensor)> {
+/// GEGLU (diffusers'): the last dimension's first half times GELU (erf form) of its second.
+pub fn geglu(x: &Tensor) -> candle_core::Result<Tensor> {
     let n = x.dim(D::Minus1)? / 2;
-    Ok((x.narrow(D::Minus1, 0, n)?, x.narrow(D::Minus1, n, n)?))
+    let mut dims = x.dims().to_vec();
+    *dims.last_mut().expect("rank ≥ 1") = n;
+    if x.device().is_cpu() && x.dtype() == DType::F32 && n > 0 {
+        let y = tessera_kernels::winograd::with_slice(x, |xs| tessera_kernels::elementwise::geglu(xs, n))?;
+        return Tensor::from_vec(y, dims, x.device());
+    }
+    x.narrow(D::Minus1, 0, n)? * x.narrow(D::Minus1, n, n)?.gelu_erf()?
 }
 
 /// diffusers' `Downsample2D` with padding 0 pads one zero row and column at the bottom and

@@ -33,14 +33,37 @@ impl GroupNorm {
     }
 
     pub fn forward(&self, x: &Tensor, shared: Option<&Arc<SharedNorm>>) -> candle_core::Result<Tensor> {
+        self.forward_act(x, shared, false)
+    }
+
+    /// GroupNorm then SiLU, as one pass over the normalised values on the CPU.
+    pub fn forward_silu(&self, x: &Tensor, shared: Option<&Arc<SharedNorm>>) -> candle_core::Result<Tensor> {
+        self.forward_act(x, shared, true)
+    }
+
+    fn forward_act(&self, x: &Tensor, shared: Option<&Arc<SharedNorm>>, silu: bool) -> candle_core::Result<Tensor> {
         match shared {
-            None => self.local.forward(x),
-            Some(s) => s.forward(self, x),
+            None => self.local_forward(x, silu),
+            Some(s) => s.forward(self, x, silu),
         }
     }
 
+    /// Normalised with `x`'s own statistics.
+    fn local_forward(&self, x: &Tensor, silu: bool) -> candle_core::Result<Tensor> {
+        if !fused(x) {
+            let y = self.local.forward(x)?;
+            return if silu { y.silu() } else { Ok(y) };
+        }
+        let (b, c) = (x.dim(0)?, x.dim(1)?);
+        let (w, bias): (Vec<f32>, Vec<f32>) = (self.weight.to_vec1()?, self.bias.to_vec1()?);
+        let y = tessera_kernels::winograd::with_slice(x, |xs| {
+            tessera_kernels::elementwise::group_norm(xs, b, c, x.elem_count() / (b * c).max(1), self.groups, self.eps, &w, &bias, silu)
+        })?;
+        Tensor::from_vec(y, x.shape(), x.device())
+    }
+
     /// `x` normalised with per-(item, group) `mean` and `var` `[batch][groups]`.
-    fn apply(&self, x: &Tensor, stats: &[Vec<GroupStats>]) -> candle_core::Result<Tensor> {
+    fn apply(&self, x: &Tensor, stats: &[Vec<GroupStats>], silu: bool) -> candle_core::Result<Tensor> {
         let (b, c, _, _) = x.dims4()?;
         let per = c / self.groups;
         let w: Vec<f32> = self.weight.to_vec1()?;
@@ -54,10 +77,22 @@ impl GroupNorm {
                 shift.push((bias[ch] as f64 - g.mean * s) as f32);
             }
         }
+        if fused(x) {
+            let y = tessera_kernels::winograd::with_slice(x, |xs| {
+                tessera_kernels::elementwise::channel_affine(xs, x.elem_count() / (b * c).max(1), &scale, &shift, silu)
+            })?;
+            return Tensor::from_vec(y, x.shape(), x.device());
+        }
         let scale = Tensor::from_vec(scale, (b, c, 1, 1), x.device())?;
         let shift = Tensor::from_vec(shift, (b, c, 1, 1), x.device())?;
-        x.broadcast_mul(&scale)?.broadcast_add(&shift)
+        let y = x.broadcast_mul(&scale)?.broadcast_add(&shift)?;
+        if silu { y.silu() } else { Ok(y) }
     }
+}
+
+/// Whether the one-pass CPU kernels take `x` (f32 on the CPU; candle's ops otherwise).
+fn fused(x: &Tensor) -> bool {
+    x.device().is_cpu() && x.dtype() == DType::F32 && x.rank() >= 3
 }
 
 /// The mean and (biased) variance of one group, and how many values they cover.
@@ -169,7 +204,7 @@ impl SharedNorm {
         self.state.lock().gathered.clone()
     }
 
-    fn forward(&self, norm: &GroupNorm, x: &Tensor) -> candle_core::Result<Tensor> {
+    fn forward(&self, norm: &GroupNorm, x: &Tensor, silu: bool) -> candle_core::Result<Tensor> {
         let mut s = self.state.lock();
         let call = s.call;
         s.call += 1;
@@ -195,8 +230,8 @@ impl SharedNorm {
             candle_core::bail!("{STOPPED}");
         }
         match s.known.norms.get(call).and_then(Option::as_ref) {
-            Some(stats) => norm.apply(x, stats),
-            None => norm.local.forward(x),
+            Some(stats) => norm.apply(x, stats, silu),
+            None => norm.local_forward(x, silu),
         }
     }
 

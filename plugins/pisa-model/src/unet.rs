@@ -126,8 +126,8 @@ impl TransformerBlock {
     fn forward(&self, x: &Tensor, context: &Tensor, ctx: &Ctx) -> candle_core::Result<Tensor> {
         let x = (self.attn1.forward(&self.norm1.forward(x)?, None, ctx)? + x)?;
         let x = (self.attn2.forward(&self.norm2.forward(&x)?, Some(context), ctx)? + &x)?;
-        let (value, gate) = nn::halves(&self.ff_in.forward(&self.norm3.forward(&x)?, ctx)?)?;
-        self.ff_out.forward(&(value * gate.gelu_erf()?)?, ctx)? + x
+        let h = nn::geglu(&self.ff_in.forward(&self.norm3.forward(&x)?, ctx)?)?;
+        self.ff_out.forward(&h, ctx)? + x
     }
 }
 
