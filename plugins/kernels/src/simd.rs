@@ -72,6 +72,18 @@ pub fn exp_lanes(x: [f32; LANES]) -> [f32; LANES] {
     })
 }
 
+/// Deterministic test values spread over `[lo, lo + width)`, from a seeded LCG.
+#[cfg(test)]
+pub(crate) fn noise(n: usize, seed: u64, lo: f32, width: f32) -> Vec<f32> {
+    let mut x = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    (0..n)
+        .map(|_| {
+            x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            ((x >> 40) as f32 / (1u64 << 24) as f32) * width + lo
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
