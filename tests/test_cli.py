@@ -107,6 +107,50 @@ def test_rgba_input_keeps_alpha(daemon, tmp_path):
     assert base[:, :12, 3].max() == 0
 
 
+def icc_of(png):
+    return Image.open(io.BytesIO(png)).info.get("icc_profile")
+
+
+def test_colour_profiles_in_the_outputs(daemon, tmp_path):
+    """A 16-bit output says it is sRGB (an untagged 16-bit PNG is ambiguous: Krita asks for
+    each layer and proposes a linear profile); an 8-bit one stays untagged, which every reader
+    takes as sRGB; an input's own profile goes on to every output, whose samples are in its
+    encoding."""
+    from PIL import ImageCms
+    src16 = tmp_path / "in16.png"
+    write_png(src16, (np.random.default_rng(5).random((8, 10, 3)) * 65535).astype(np.uint16))
+    out16 = tmp_path / "p16.ora"
+    r = tessera(daemon, "upscale", str(src16), "-o", str(out16), "--scale", "2", "--model", "classic",
+                "--png-dir", str(tmp_path / "png16"))
+    assert r.returncode == 0, r.stderr
+    with zipfile.ZipFile(out16) as zf:
+        icc = {icc_of(zf.read(n)) for n in ("data/base.png", "mergedimage.png", "Thumbnails/thumbnail.png")}
+    icc |= {icc_of((tmp_path / "png16" / n).read_bytes()) for n in ("base.png", "composite.png")}
+    (profile,) = icc
+    # Little CMS reads it, and it is sRGB: an 8-bit ramp goes to its own sRGB unchanged.
+    ours = ImageCms.ImageCmsProfile(io.BytesIO(profile))
+    ramp = Image.fromarray(np.repeat(np.arange(256, dtype=np.uint8), 3).reshape(16, 16, 3), "RGB")
+    back = ImageCms.applyTransform(ramp, ImageCms.buildTransform(ours, ImageCms.createProfile("sRGB"), "RGB", "RGB"))
+    assert np.array_equal(np.asarray(back), np.asarray(ramp))
+
+    src8 = tmp_path / "in8.png"
+    Image.fromarray(np.asarray(ramp)).save(src8)
+    out8 = tmp_path / "p8.ora"
+    assert tessera(daemon, "upscale", str(src8), "-o", str(out8), "--scale", "2", "--model", "classic").returncode == 0
+    with zipfile.ZipFile(out8) as zf:
+        assert icc_of(zf.read("data/base.png")) is None
+
+    # Little CMS's own sRGB profile stands for whatever profile an input carries: its bytes differ from Tessera's.
+    theirs = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    assert theirs != profile
+    tagged = tmp_path / "tagged.png"
+    Image.fromarray(np.asarray(ramp)).save(tagged, icc_profile=theirs)
+    out_tagged = tmp_path / "tagged.ora"
+    assert tessera(daemon, "upscale", str(tagged), "-o", str(out_tagged), "--scale", "2", "--model", "classic").returncode == 0
+    with zipfile.ZipFile(out_tagged) as zf:
+        assert icc_of(zf.read("data/base.png")) == theirs == icc_of(zf.read("mergedimage.png"))
+
+
 def test_errors_name_the_problem_and_write_nothing(daemon, tmp_path):
     out = tmp_path / "x.ora"
     r = tessera(daemon, "upscale", str(tmp_path / "missing.png"), "-o", str(out))

@@ -269,14 +269,25 @@ def test_one_undo_restores_the_original(tmp_path, plugin_dir, store):
     assert report["after_undo"] == report["before"]
 
 
-def cli_ora(tmp_path, store, src, model="srgan-pair"):
-    """`tessera upscale SRC -o OUT.ora` as a user runs it."""
+def cli_ora(tmp_path, store, src, model="srgan-pair", *args):
+    """`tessera upscale SRC -o OUT.ora --model MODEL ARGS...` as a user runs it."""
     out = tmp_path / "cli.ora"
     with Daemon(tmp_path / "cli-rt", env={"TESSERA_MODEL_DIR": str(store)}) as d:
         r = tessera_cli(dict(os.environ, TESSERA_MODEL_DIR=str(store)), "--socket", d.socket,
-                        "upscale", src, "-o", str(out), "--model", model)
+                        "upscale", src, "-o", str(out), "--model", model, *args)
     assert r.returncode == 0, r.stderr
     return out
+
+
+def ora_source(tmp_path, kind):
+    """The test picture as "8-bit RGB", "16-bit RGB" or "16-bit RGBA" (with its soft edges)."""
+    if kind == "8-bit RGB":
+        return picture(tmp_path / "in.png", "RGB")
+    mode = kind.split()[-1]
+    pixels = np.asarray(Image.open(picture(tmp_path / "in8.png", mode)), np.uint16) * 257
+    src = str(tmp_path / "in.png")
+    write_png(src, pixels)
+    return src
 
 
 @pytest.mark.parametrize("kind", ["8-bit RGB", "16-bit RGB", "16-bit RGBA"])
@@ -285,17 +296,7 @@ def test_a_tessera_ora_opens_with_its_blend_modes(tmp_path, plugin_dir, store, k
     would make them Normal), the bit depth is the file's, and GIMP's composite is the one
     Tessera wrote as mergedimage.png (with transparency too: each detail layer weighed by its
     own alpha, clipped to the base's)."""
-    if kind == "8-bit RGB":
-        src = picture(tmp_path / "in.png", "RGB")
-    elif kind == "16-bit RGBA":
-        rgba = np.asarray(Image.open(picture(tmp_path / "in8.png", "RGBA")), np.uint16) * 257
-        src = str(tmp_path / "in.png")
-        write_png(src, rgba)
-    else:
-        rgb = np.asarray(Image.open(picture(tmp_path / "in8.png", "RGB")), np.uint16) * 257
-        src = str(tmp_path / "in.png")
-        write_png(src, rgb)
-    ora = cli_ora(tmp_path, store, src)
+    ora = cli_ora(tmp_path, store, ora_source(tmp_path, kind))
     report, pixels = run_gimp(tmp_path, plugin_dir, store, {"open": str(ora)})
     after = report["after"]
     assert after["precision"] == ("u8-non-linear" if kind == "8-bit RGB" else "u16-non-linear")

@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import subprocess
+import zipfile
 
 import numpy as np
 import pytest
@@ -17,7 +18,8 @@ import pytest
 import time
 
 from harness import ROOT, Daemon, bin_dir
-from test_gimp import daemon_render, daemon_x_full, picture
+from pngio import read_png
+from test_gimp import cli_ora, daemon_render, daemon_x_full, ora_source, picture
 
 RIG_DIR = os.environ.get("TESSERA_RIG_DIR") or "/var/tmp/tessera-rigs"
 RIG = os.environ.get("TESSERA_KRITA_RIG") or next(
@@ -61,9 +63,9 @@ def as_rgba_float(raw, depth, model, w, h):
     return a
 
 
-def run_krita(variant, tmp_path, plugin_dir, store, spec, runtime=None):
-    """Runs the test script in Krita; the plugin starts its own daemon in the rig unless
-    `runtime` names the folder of one already running."""
+def run_krita(variant, tmp_path, plugin_dir, store, spec, runtime=None, script="t_docker.py"):
+    """Runs a test script of tests/krita in Krita; the plugin starts its own daemon in the rig
+    unless `runtime` names the folder of one already running."""
     out = tmp_path / "report.json"
     spec = dict(spec, out=str(out))
     spec_path = tmp_path / "spec.json"
@@ -71,7 +73,7 @@ def run_krita(variant, tmp_path, plugin_dir, store, spec, runtime=None):
     env = dict(os.environ, TESSERA_KRITA=variant, TESSERA_RIG_BIND=ROOT, TESSERA_BIN_DIR=bin_dir(),
                TESSERA_MODEL_DIR=str(store), TESSERA_RUNTIME_DIR=str(runtime or tmp_path / "rt"))
     for attempt in range(3):
-        r = subprocess.run(["bash", RIG, "run", str(plugin_dir), os.path.join(ROOT, "tests", "krita", "t_docker.py"), str(spec_path)],
+        r = subprocess.run(["bash", RIG, "run", str(plugin_dir), os.path.join(ROOT, "tests", "krita", script), str(spec_path)],
                            env=env, capture_output=True, text=True, timeout=900)
         # The rig's private Xvfb sometimes loses a race for its display with the previous
         # run's; Krita then aborts before the test script starts. That is the rig, not us.
@@ -249,3 +251,55 @@ def test_krita_closing_mid_job_cancels_it(variant, tmp_path, plugin_dir, store):
     # A 512² Real-ESRGAN job takes half a minute here; cancelled, the worker is free within a tile.
     assert idle_after < 10, idle_after
     assert "was cancelled" in log
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("kind, model", [("8-bit RGB", "srgan-pair"), ("16-bit RGBA", "srgan-pair"), ("16-bit RGBA", "pisa")])
+def test_a_tessera_ora_opens_as_tessera_wrote_it(variant, kind, model, tmp_path, plugin_dir, request):
+    """File → Open on the CLI's .ora. Krita's own loader gives the detail layers Grain Merge but
+    not inherit alpha (it cannot read both from an ORA) and makes every document 8-bit; Tessera's
+    plugin restores both when the view opens, so the picture is the mergedimage.png Tessera
+    wrote, soft edges included, at the file's depth, and the document is not marked modified.
+    (16-bit PNGs carry an sRGB profile, else Krita would stop at a dialog for each layer.)
+    PiSA-SR's file also holds the exact render at the λ given, hidden, as a Normal layer."""
+    store = request.getfixturevalue("pisa_store" if model == "pisa" else "store")
+    exact = ("--param", "lambda_pix=0.5", "--param", "lambda_sem=0.8") if model == "pisa" else ()
+    ora = cli_ora(tmp_path, store, ora_source(tmp_path, kind), model, *exact)
+    report, _ = run_krita(variant, tmp_path, plugin_dir, store, {"input": str(ora)}, script="t_open.py")
+    depth = "U8" if kind.startswith("8") else "U16"
+    assert report["depth"] == depth and report["model"] == "RGBA" and not report["modified"]
+    (group,) = report["layers"]
+    assert group["name"] == "Tessera ×4 %s · in" % model and group["type"] == "grouplayer"
+    # Krita lists children bottom first.
+    names = [c["name"].split("· ")[-1] for c in group["children"]]
+    assert names[:3] == ["base", "pixel detail", "semantic detail"]
+    base, pix, sem = group["children"][:3]
+    if model == "pisa":
+        (render,) = group["children"][3:]
+        assert names[3].startswith("exact λ")
+        assert render["blend"] == "normal" and not render["visible"] and not render["inherit_alpha"]
+    else:
+        assert len(names) == 3
+    assert base["blend"] == "normal" and not base["inherit_alpha"]
+    for layer in (pix, sem):
+        assert layer["blend"] == "grain_merge" and layer["inherit_alpha"] and layer["opacity"] == 255
+        assert layer["depth"] == depth
+    with zipfile.ZipFile(ora) as zf:
+        want = read_png(zf.read("mergedimage.png")).astype(np.float64)
+    got = as_rgba_float((tmp_path / "report.json.composite").read_bytes(), report["depth"], report["model"],
+                        report["width"], report["height"])
+    top = 255.0 if depth == "U8" else 65535.0
+    if want.shape[-1] == 4:
+        assert np.abs(got[..., 3] * top - want[..., 3]).max() <= 0.5
+        alpha = want[..., 3:] / top
+    else:
+        assert got[..., 3].min() == 1.0
+        alpha = 1.0
+    # Colour where a pixel shows. Krita's Grain Merge takes 127 of 255 as neutral where
+    # Tessera and GIMP take 127.5: in 8 bits two detail layers come out one level brighter
+    # (one 65535th per layer in 16 bits, where each layer also rounds).
+    levels = (got[..., :3] * top - want[..., :3]) * alpha
+    if depth == "U8":
+        assert levels.min() >= -1e-3 and levels.max() <= 1.0 + 1e-3, (levels.min(), levels.max())
+    else:
+        assert np.abs(levels).max() <= 3.0, (levels.min(), levels.max())

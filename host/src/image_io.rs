@@ -3,23 +3,28 @@
 
 use std::io::Write;
 
-use image::{DynamicImage, ExtendedColorType, ImageEncoder};
+use image::{DynamicImage, ExtendedColorType, ImageDecoder, ImageEncoder};
 use tessera_protocol::{ColorEncoding, Layout, LayoutRequest, SampleType};
 
-/// A decoded image: its layout and tightly packed native-endian samples.
+/// A decoded image: its layout, tightly packed native-endian samples, and the ICC profile
+/// the file carried (the outputs carry it on: their samples are in the input's encoding).
 pub struct Pixels {
     pub layout: Layout,
     pub data: Vec<u8>,
+    pub icc: Option<Vec<u8>>,
 }
 
 pub fn load(path: &std::path::Path) -> anyhow::Result<Pixels> {
     let cannot = |e: &dyn std::fmt::Display| anyhow::anyhow!("cannot read {}: {e}", path.display());
-    let img = image::ImageReader::open(path)
+    let mut decoder = image::ImageReader::open(path)
         .map_err(|e| cannot(&e))?
         .with_guessed_format()
         .map_err(|e| cannot(&e))?
-        .decode()
+        .into_decoder()
         .map_err(|e| cannot(&e))?;
+    // A profile that cannot be read is left behind, as a viewer would: the pixels still are.
+    let icc = decoder.icc_profile().ok().flatten();
+    let img = DynamicImage::from_decoder(decoder).map_err(|e| cannot(&e))?;
     let (channels, sample, img) = match img {
         DynamicImage::ImageLuma8(_) => (1, SampleType::U8, img),
         DynamicImage::ImageLumaA8(_) => (2, SampleType::U8, img),
@@ -35,7 +40,7 @@ pub fn load(path: &std::path::Path) -> anyhow::Result<Pixels> {
     };
     let mut layout = Layout::tight(img.width(), img.height(), channels, sample);
     layout.encoding = ColorEncoding::Srgb;
-    Ok(Pixels { layout, data: img.as_bytes().to_vec() })
+    Ok(Pixels { layout, data: img.as_bytes().to_vec(), icc })
 }
 
 pub fn request(layout: &Layout) -> LayoutRequest {
@@ -65,20 +70,33 @@ fn color_type(layout: &Layout) -> anyhow::Result<ExtendedColorType> {
     })
 }
 
-/// Encodes an integer buffer as PNG. Samples stay native-endian: the encoder converts 16-bit
-/// samples to PNG's big-endian order itself.
-pub fn write_png(out: impl Write, layout: &Layout, data: &[u8]) -> anyhow::Result<()> {
+/// The ICC profile an output PNG of `sample` type embeds: the input's, else for 16-bit samples
+/// sRGB (untagged 16-bit PNGs are ambiguous, see `icc`), else none.
+pub fn output_profile(input: Option<&[u8]>, sample: SampleType) -> Option<Vec<u8>> {
+    match input {
+        Some(icc) => Some(icc.to_vec()),
+        None if sample == SampleType::U16 => Some(crate::icc::srgb()),
+        None => None,
+    }
+}
+
+/// Encodes an integer buffer as PNG, with `icc` as its iCCP chunk when given. Samples stay
+/// native-endian: the encoder converts 16-bit samples to PNG's big-endian order itself.
+pub fn write_png(out: impl Write, layout: &Layout, data: &[u8], icc: Option<&[u8]>) -> anyhow::Result<()> {
     let ct = color_type(layout)?;
     let row = layout.row_bytes() as usize;
     let mut packed = Vec::with_capacity(row * layout.height as usize);
     for y in 0..layout.height as usize {
         packed.extend_from_slice(&data[y * layout.stride as usize..][..row]);
     }
-    let enc = image::codecs::png::PngEncoder::new_with_quality(
+    let mut enc = image::codecs::png::PngEncoder::new_with_quality(
         out,
         image::codecs::png::CompressionType::Fast,
         image::codecs::png::FilterType::Adaptive,
     );
+    if let Some(icc) = icc {
+        enc.set_icc_profile(icc.to_vec()).map_err(|e| anyhow::anyhow!("cannot embed the ICC profile: {e}"))?;
+    }
     enc.write_image(&packed, layout.width, layout.height, ct)?;
     Ok(())
 }

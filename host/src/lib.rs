@@ -4,6 +4,7 @@
 pub mod buffers;
 pub mod client;
 pub mod daemon;
+pub mod icc;
 pub mod image_io;
 pub mod ipc;
 pub mod models;

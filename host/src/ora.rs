@@ -104,8 +104,9 @@ pub fn composite(layers: &[OraLayer<'_>]) -> Vec<u8> {
     out
 }
 
-/// Writes the .ora: mimetype (first, stored), stack.xml, data/*.png, mergedimage.png, thumbnail.
-pub fn write_ora(out: impl Write + Seek, group: &str, layers: &[OraLayer<'_>], merged: &[u8]) -> anyhow::Result<()> {
+/// Writes the .ora: mimetype (first, stored), stack.xml, data/*.png, mergedimage.png, thumbnail;
+/// every PNG embeds `icc` when given.
+pub fn write_ora(out: impl Write + Seek, group: &str, layers: &[OraLayer<'_>], merged: &[u8], icc: Option<&[u8]>) -> anyhow::Result<()> {
     let l = layers[0].layout;
     let stored = SimpleFileOptions::default().compression_method(zip::CompressionMethod::Stored);
     let mut zip = zip::ZipWriter::new(out);
@@ -115,13 +116,13 @@ pub fn write_ora(out: impl Write + Seek, group: &str, layers: &[OraLayer<'_>], m
     zip.write_all(stack_xml(l.width, l.height, group, layers).as_bytes())?;
     for layer in layers {
         zip.start_file(format!("data/{}.png", layer.file), stored.large_file(layer.data.len() > (1 << 31)))?;
-        write_png(&mut zip, &layer.layout, layer.data)?;
+        write_png(&mut zip, &layer.layout, layer.data, icc)?;
     }
     let merged_layout = Layout::tight(l.width, l.height, l.channels, l.sample);
     zip.start_file("mergedimage.png", stored.large_file(merged.len() > (1 << 31)))?;
-    write_png(&mut zip, &merged_layout, merged)?;
+    write_png(&mut zip, &merged_layout, merged, icc)?;
     zip.start_file("Thumbnails/thumbnail.png", stored)?;
-    write_png(&mut zip, &thumbnail_layout(&merged_layout).0, &thumbnail(&merged_layout, merged))?;
+    write_png(&mut zip, &thumbnail_layout(&merged_layout).0, &thumbnail(&merged_layout, merged), icc)?;
     zip.finish()?;
     Ok(())
 }

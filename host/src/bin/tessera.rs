@@ -285,7 +285,8 @@ fn upscale(socket: &Path, autostart: bool, input: &Path, output: &Path, scale: u
     // Write beside the target and rename, so a failure never leaves a half-written file.
     let tmp = output.with_extension("ora.part");
     let file = std::fs::File::create(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
-    ora::write_ora(std::io::BufWriter::new(file), &group, &ora_layers, &merged)
+    let icc = image_io::output_profile(pixels.icc.as_deref(), out_sample);
+    ora::write_ora(std::io::BufWriter::new(file), &group, &ora_layers, &merged, icc.as_deref())
         .and_then(|()| std::fs::rename(&tmp, output).map_err(Into::into))
         .inspect_err(|_| {
             let _ = std::fs::remove_file(&tmp);
@@ -293,10 +294,10 @@ fn upscale(socket: &Path, autostart: bool, input: &Path, output: &Path, scale: u
     if let Some(dir) = png_dir {
         std::fs::create_dir_all(dir)?;
         for l in &ora_layers {
-            image_io::write_png(std::fs::File::create(dir.join(format!("{}.png", l.file)))?, &l.layout, l.data)?;
+            image_io::write_png(std::fs::File::create(dir.join(format!("{}.png", l.file)))?, &l.layout, l.data, icc.as_deref())?;
         }
         let merged_layout = tessera_protocol::Layout::tight(ora_layers[0].layout.width, ora_layers[0].layout.height, ora_layers[0].layout.channels, out_sample);
-        image_io::write_png(std::fs::File::create(dir.join("composite.png"))?, &merged_layout, &merged)?;
+        image_io::write_png(std::fs::File::create(dir.join("composite.png"))?, &merged_layout, &merged, icc.as_deref())?;
     }
     for l in &layers {
         client.release(&l.buffer.id)?;
