@@ -238,6 +238,41 @@ def test_sigterm_cancels_jobs_and_removes_socket_and_buffers(tmp_path):
     c.close()
 
 
+def test_after_sigkill_the_next_daemon_removes_what_was_left_and_says_so(tmp_path, pisa_store):
+    """A daemon killed outright leaves its socket, its buffers and the inputs of the jobs it kept
+    for exact renders; the next one removes them all before it serves, and logs each."""
+    rt, env = tmp_path / "rt", {"TESSERA_MODEL_DIR": str(pisa_store)}
+    first = Daemon(rt, env=env)
+    with first.client() as c:
+        src = upload(c, np.full((8, 8, 3), 100), "u8")
+        c.submit("pisa", 4, src).wait(timeout=300)  # PiSA-SR renders exactly: its input is kept
+        left = sorted(os.listdir(first.buffers))
+        assert any(f.startswith("kept-") for f in left) and any(f.endswith(".buf") for f in left), left
+        first.stop(signal.SIGKILL)
+    assert os.path.exists(first.socket)
+    with Daemon(rt, env=env) as second:
+        assert os.listdir(second.buffers) == []
+        log = second.log()
+        assert "removed a stale socket at %s" % second.socket in log
+        line = next(l for l in log.splitlines() if "stale file(s)" in l)
+        assert ("removed %d stale file(s)" % len(left)) in line and all(f in line for f in left), line
+        with second.client() as c:
+            c.ping()
+
+
+def test_a_second_daemon_refuses_and_the_first_goes_on(daemon):
+    import subprocess
+    from harness import exe
+    with daemon.client() as c:
+        buf = c.alloc(4, 4, 3)
+        r = subprocess.run([exe("tesserad")], env=daemon.env, capture_output=True, text=True, timeout=30)
+        assert r.returncode != 0 and "already running on %s" % daemon.socket in r.stderr, r.stderr
+        # Nothing of the first one's was touched.
+        assert os.path.exists(buf.path)
+        (layer,) = c.submit("classic", 2, buf).wait(timeout=30)
+        assert layer.buffer.layout["width"] == 8
+
+
 def test_python_client_starts_the_daemon(tmp_path, monkeypatch):
     import socket as socketlib
     import struct

@@ -59,14 +59,32 @@ pub struct BufferStore {
 }
 
 impl BufferStore {
-    /// Takes over `dir`, removing buffer files a crashed daemon may have left behind.
+    /// Takes over `dir`, removing the files a daemon that did not shut down (killed, out of
+    /// memory, power loss) left behind: buffers and the inputs of kept jobs. Says in the log
+    /// what it removed.
     pub fn new(dir: &Path) -> io::Result<BufferStore> {
         private_dir(dir)?;
+        let (mut names, mut bytes) = (Vec::new(), 0u64);
         for entry in fs::read_dir(dir)? {
-            let path = entry?.path();
-            if path.extension().is_some_and(|e| e == "buf") {
-                let _ = fs::remove_file(&path);
+            let entry = entry?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let ours = name.ends_with(".buf") || (name.starts_with("kept-") && name.ends_with(".input"));
+            if ours {
+                let size = entry.metadata().map(|m| m.len()).unwrap_or(0);
+                if fs::remove_file(entry.path()).is_ok() {
+                    bytes += size;
+                    names.push(name);
+                }
             }
+        }
+        if !names.is_empty() {
+            names.sort();
+            tracing::warn!(
+                "removed {} stale file(s), {bytes} bytes, from {}: an earlier tesserad did not shut down ({})",
+                names.len(),
+                dir.display(),
+                names.join(", ")
+            );
         }
         Ok(BufferStore { dir: dir.canonicalize()?, next: 1, buffers: HashMap::new(), usage: HashMap::new() })
     }

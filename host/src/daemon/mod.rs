@@ -184,6 +184,7 @@ pub fn run(config: Config) -> anyhow::Result<()> {
             bail!("tesserad is already running on {}", config.socket.display());
         }
         std::fs::remove_file(&config.socket).context("cannot remove a stale socket")?;
+        tracing::warn!("removed a stale socket at {}: an earlier tesserad did not shut down", config.socket.display());
     }
     let buffers = BufferStore::new(&config.runtime_dir.join("buffers"))
         .context("cannot prepare the buffer directory")?;
