@@ -55,7 +55,14 @@ pub struct BufferStore {
     dir: PathBuf,
     next: u64,
     buffers: HashMap<String, Entry>,
-    usage: HashMap<ClientId, u64>,
+    usage: HashMap<ClientId, Usage>,
+}
+
+/// What one client holds.
+#[derive(Default, Clone, Copy)]
+struct Usage {
+    bytes: u64,
+    buffers: u32,
 }
 
 impl BufferStore {
@@ -94,17 +101,23 @@ impl BufferStore {
     }
 
     pub fn client_bytes(&self, owner: ClientId) -> u64 {
-        self.usage.get(&owner).copied().unwrap_or(0)
+        self.usage.get(&owner).map_or(0, |u| u.bytes)
     }
 
     /// Creates one buffer per layout for `owner`, all or none. Layouts must already be valid.
     pub fn alloc(&mut self, owner: ClientId, layouts: &[Layout], limits: &Limits) -> Result<Vec<BufferInfo>, BufferError> {
         let wanted: u64 = layouts.iter().map(Layout::byte_len).sum();
-        let used = self.client_bytes(owner);
-        if used + wanted > limits.max_client_bytes {
+        let used = self.usage.get(&owner).copied().unwrap_or_default();
+        if used.bytes + wanted > limits.max_client_bytes {
             return Err(BufferError::Limit(format!(
                 "this needs {} more bytes of buffers, but the connection already holds {} of its {} byte limit",
-                wanted, used, limits.max_client_bytes
+                wanted, used.bytes, limits.max_client_bytes
+            )));
+        }
+        if used.buffers as usize + layouts.len() > limits.max_client_buffers as usize {
+            return Err(BufferError::Limit(format!(
+                "this needs {} more buffers, but the connection already holds {} of its limit of {}: release buffers it no longer needs",
+                layouts.len(), used.buffers, limits.max_client_buffers
             )));
         }
         let mut made: Vec<BufferInfo> = Vec::new();
@@ -120,7 +133,9 @@ impl BufferStore {
             }
         }
         for info in &made {
-            *self.usage.entry(owner).or_default() += info.size;
+            let u = self.usage.entry(owner).or_default();
+            u.bytes += info.size;
+            u.buffers += 1;
             self.buffers.insert(info.id.clone(), Entry { info: info.clone(), owner, busy: 0 });
         }
         Ok(made)
@@ -208,7 +223,8 @@ impl BufferStore {
         if let Some(e) = self.buffers.remove(id) {
             let _ = fs::remove_file(&e.info.path);
             if let Some(u) = self.usage.get_mut(&e.owner) {
-                *u = u.saturating_sub(e.info.size);
+                u.bytes = u.bytes.saturating_sub(e.info.size);
+                u.buffers = u.buffers.saturating_sub(1);
             }
         }
     }

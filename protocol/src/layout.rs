@@ -177,6 +177,10 @@ pub struct Limits {
     pub max_buffer_bytes: u64,
     /// All live buffers of one client together, results included.
     pub max_client_bytes: u64,
+    /// Live buffers of one client, results included.
+    pub max_client_buffers: u32,
+    /// Jobs of one client queued or running at once.
+    pub max_client_jobs: u32,
 }
 
 impl Default for Limits {
@@ -186,6 +190,10 @@ impl Default for Limits {
             max_pixels: 1 << 30,
             max_buffer_bytes: 8 << 30,
             max_client_bytes: 16 << 30,
+            // Far above what an editor needs (a job holds four buffers), far below what
+            // would slow the daemon for everyone else.
+            max_client_buffers: 1024,
+            max_client_jobs: 64,
         }
     }
 }

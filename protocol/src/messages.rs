@@ -269,7 +269,7 @@ impl ErrorCode {
             ProtocolMismatch => "update the adapter or the daemon so both speak the same protocol major version",
             Unauthorized => "TCP clients must send the token from the daemon's token file in hello",
             BadLayout => "check width, height, channels, sample type and stride",
-            LimitExceeded => "work on a smaller layer or release buffers you no longer need; tesserad's limits are set with --max-pixels, --max-buffer-bytes and --max-client-bytes",
+            LimitExceeded => "work on a smaller layer, release buffers you no longer need or wait for a job to finish; tesserad's limits are set with --max-pixels, --max-buffer-bytes, --max-client-bytes, --max-client-buffers and --max-client-jobs",
             NoSpace => "free memory or disk in the buffer directory, or start tesserad with --runtime-dir on a larger filesystem",
             UnknownBuffer => "use a buffer id returned by alloc or result that has not been released",
             ForeignPath => "pass a buffer id (or the exact path) that alloc returned to this connection",

@@ -40,6 +40,12 @@ struct Args {
     /// Most bytes of live buffers per connection, results included.
     #[arg(long)]
     max_client_bytes: Option<u64>,
+    /// Most live buffers per connection, results included.
+    #[arg(long)]
+    max_client_buffers: Option<u32>,
+    /// Most jobs per connection queued or running at once.
+    #[arg(long)]
+    max_client_jobs: Option<u32>,
     /// Seconds a running job may take to stop after a cancel before its worker is restarted.
     #[arg(long, default_value_t = 10.0)]
     cancel_grace: f64,
@@ -91,6 +97,8 @@ fn main() -> anyhow::Result<()> {
             lim.max_pixels = args.max_pixels.unwrap_or(lim.max_pixels);
             lim.max_buffer_bytes = args.max_buffer_bytes.unwrap_or(lim.max_buffer_bytes);
             lim.max_client_bytes = args.max_client_bytes.unwrap_or(lim.max_client_bytes);
+            lim.max_client_buffers = args.max_client_buffers.unwrap_or(lim.max_client_buffers);
+            lim.max_client_jobs = args.max_client_jobs.unwrap_or(lim.max_client_jobs);
             daemon::run(config)
         }
     }

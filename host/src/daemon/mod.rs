@@ -121,11 +121,40 @@ pub(crate) enum Outgoing {
     Close,
 }
 
+/// Frames queued for a client that it has not read yet, at most: a client that stops reading
+/// its events (10 000 requests and no reads) must not grow the daemon's memory. Far above what
+/// a reading client ever has queued (a job sends a few events a second).
+pub(crate) const MAX_UNREAD_FRAMES: usize = 4096;
+
+/// The way to a client: its writer thread's queue, and its socket, to drop the client when
+/// that queue is full.
+#[derive(Clone)]
+pub(crate) struct ClientOut {
+    client: ClientId,
+    tx: mpsc::SyncSender<Outgoing>,
+    socket: Arc<Stream>,
+    dropped: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl ClientOut {
+    /// Queues `out` without waiting; a client whose queue is full is disconnected (its reader
+    /// then cleans up as for any client that leaves), so the scheduler and the other clients
+    /// never wait for it.
+    pub fn send(&self, out: Outgoing) {
+        if let Err(mpsc::TrySendError::Full(_)) = self.tx.try_send(out) {
+            if !self.dropped.swap(true, Ordering::Relaxed) {
+                tracing::warn!(client = self.client, "disconnecting a client that left {MAX_UNREAD_FRAMES} events unread");
+                self.socket.shutdown();
+            }
+        }
+    }
+}
+
 /// State shared by the connection threads and the scheduler.
 pub(crate) struct Shared {
     pub config: Config,
     pub buffers: Mutex<BufferStore>,
-    pub clients: Mutex<HashMap<ClientId, mpsc::Sender<Outgoing>>>,
+    pub clients: Mutex<HashMap<ClientId, ClientOut>>,
     pub plugins: RwLock<Vec<PluginInfo>>,
     pub workers: Mutex<Vec<WorkerInfo>>,
     pub sched: Mutex<mpsc::Sender<Sched>>,
@@ -162,8 +191,8 @@ impl Shared {
 
     /// Queues an event for a client; a client that has left is silently skipped.
     pub fn send(&self, client: ClientId, event: &Event) {
-        if let Some(tx) = self.clients.lock().get(&client) {
-            let _ = tx.send(Outgoing::Frame(to_body(event)));
+        if let Some(out) = self.clients.lock().get(&client) {
+            out.send(Outgoing::Frame(to_body(event)));
         }
     }
     pub fn schedule(&self, msg: Sched) {
@@ -295,8 +324,8 @@ fn shutdown(shared: &Shared, reason: &str) -> ! {
     shared.schedule(Sched::Shutdown(done_tx));
     let _ = done_rx.recv_timeout(Duration::from_secs(20));
     // Let the connection threads flush the shutdown errors they were handed.
-    for tx in shared.clients.lock().values() {
-        let _ = tx.send(Outgoing::Close);
+    for out in shared.clients.lock().values() {
+        out.send(Outgoing::Close);
     }
     std::thread::sleep(Duration::from_millis(100));
     shared.kept.lock().clear();

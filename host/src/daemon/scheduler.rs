@@ -1,7 +1,7 @@
 //! The job queue of one worker, and the worker's supervision: spawn it, hand it one job at a
 //! time, forward its progress, and when it dies fail its job, start a new one, and go on.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::process::{Child, Command, Stdio};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
@@ -65,6 +65,11 @@ pub(crate) struct Scheduler {
     rx: mpsc::Receiver<Sched>,
     tx: mpsc::Sender<Sched>,
     queue: VecDeque<QueuedJob>,
+    /// When each client last had a job started (a count of starts): the next job is the
+    /// oldest of the client served longest ago, so one client's many jobs cannot hold back
+    /// another's one.
+    served: HashMap<ClientId, u64>,
+    starts: u64,
     running: Option<Running>,
     worker: Option<WorkerProc>,
     generation: u64,
@@ -82,6 +87,8 @@ impl Scheduler {
             rx,
             tx,
             queue: VecDeque::new(),
+            served: HashMap::new(),
+            starts: 0,
             running: None,
             worker: None,
             generation: 0,
@@ -125,12 +132,21 @@ impl Scheduler {
                     self.finish_failed(job, ErrorCode::ShuttingDown, "tesserad is shutting down".into());
                     return;
                 }
+                let max = self.shared.config.limits.max_client_jobs as usize;
+                let mine = self.queue.iter().filter(|j| j.client == job.client).count()
+                    + self.running.as_ref().is_some_and(|r| r.job.client == job.client) as usize;
+                if mine >= max {
+                    let message = format!("this connection already has {mine} jobs queued or running, its limit: wait for one to finish");
+                    self.finish_failed(job, ErrorCode::LimitExceeded, message);
+                    return;
+                }
                 let position = self.queue.len() as u32 + self.running.is_some() as u32;
                 self.shared.send(job.client, &Event::Queued { id: job.req, job: job.job, position });
                 self.queue.push_back(job);
             }
             Sched::Cancel { client, job, req } => self.cancel(client, job, req),
             Sched::ClientGone(client) => {
+                self.served.remove(&client);
                 let (gone, kept): (Vec<_>, Vec<_>) = self.queue.drain(..).partition(|j| j.client == client);
                 self.queue = kept.into();
                 for job in gone {
@@ -288,7 +304,11 @@ impl Scheduler {
         if self.running.is_some() || self.worker.is_none() {
             return;
         }
-        let Some(job) = self.queue.pop_front() else { return };
+        let fairest = self.queue.iter().enumerate().min_by_key(|(i, j)| (self.served.get(&j.client).copied().unwrap_or(0), *i));
+        let Some((pos, _)) = fairest else { return };
+        let job = self.queue.remove(pos).expect("position is in range");
+        self.starts += 1;
+        self.served.insert(job.client, self.starts);
         let run = RunJob {
             job: job.job,
             plugin: job.plugin.clone(),

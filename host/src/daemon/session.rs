@@ -10,13 +10,14 @@ use tessera_protocol::{
 };
 
 use super::scheduler::{JobOutput, QueuedJob, Sched};
-use super::{Outgoing, Shared, Stream};
+use super::{ClientOut, Outgoing, Shared, Stream, MAX_UNREAD_FRAMES};
 use crate::buffers::{BufferError, ClientId};
 use crate::ipc::BufSpec;
 
 pub(super) fn serve(shared: Arc<Shared>, client: ClientId, stream: Stream, needs_token: bool) {
-    let (tx, rx) = mpsc::channel::<Outgoing>();
-    let Ok(mut writer) = stream.try_clone() else { return };
+    let (tx, rx) = mpsc::sync_channel::<Outgoing>(MAX_UNREAD_FRAMES);
+    let (Ok(mut writer), Ok(socket)) = (stream.try_clone(), stream.try_clone()) else { return };
+    let tx = ClientOut { client, tx, socket: Arc::new(socket), dropped: Default::default() };
     shared.clients.lock().insert(client, tx.clone());
     // A writer thread per client, so a slow reader never stalls the scheduler or other clients.
     std::thread::spawn(move || {
@@ -46,7 +47,7 @@ pub(super) fn serve(shared: Arc<Shared>, client: ClientId, stream: Stream, needs
             Err(FrameError::Closed) | Err(FrameError::Io(_)) => break,
             Err(e) => {
                 session.reply_error(ErrorReply::new(None, ErrorCode::BadFrame, e.to_string()));
-                let _ = session.tx.send(Outgoing::Close);
+                session.tx.send(Outgoing::Close);
                 break;
             }
         }
@@ -61,14 +62,14 @@ pub(super) fn serve(shared: Arc<Shared>, client: ClientId, stream: Stream, needs
 struct Session {
     shared: Arc<Shared>,
     client: ClientId,
-    tx: mpsc::Sender<Outgoing>,
+    tx: ClientOut,
     greeted: bool,
     needs_token: bool,
 }
 
 impl Session {
     fn reply(&self, event: Event) {
-        let _ = self.tx.send(Outgoing::Frame(to_body(&event)));
+        self.tx.send(Outgoing::Frame(to_body(&event)));
     }
     fn reply_error(&self, e: ErrorReply) {
         tracing::debug!(client = self.client, code = ?e.code, "{}", e.message);
@@ -142,7 +143,7 @@ impl Session {
                 ErrorCode::ProtocolMismatch,
                 format!("client `{client}` speaks protocol {protocol}, tesserad {} speaks {PROTOCOL_VERSION}", env!("CARGO_PKG_VERSION")),
             ));
-            let _ = self.tx.send(Outgoing::Close);
+            self.tx.send(Outgoing::Close);
             return false;
         }
         if self.needs_token {
@@ -153,7 +154,7 @@ impl Session {
                     "TCP clients must send the token stored in {} in hello",
                     self.shared.config.token_path.display()
                 )));
-                let _ = self.tx.send(Outgoing::Close);
+                self.tx.send(Outgoing::Close);
                 return false;
             }
         }
