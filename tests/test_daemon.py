@@ -322,6 +322,55 @@ def test_an_engine_that_ignores_cancel_is_stopped_by_restarting_its_worker(tmp_p
         assert c.list()["workers"][0]["pid"] != worker
 
 
+def wait_for_new_worker(c, old_pid, timeout=30):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        w = c.list()["workers"][0]
+        if w["pid"] not in (None, old_pid) and w["state"] == "idle":
+            return w
+        time.sleep(0.05)
+    raise AssertionError("no new worker replaced %d" % old_pid)
+
+
+def test_a_hung_worker_is_found_without_a_cancel_and_its_job_fails_clearly(tmp_path):
+    with Daemon(tmp_path / "rt", ["--heartbeat-timeout", "2"]) as d, d.client() as c:
+        worker = c.list()["workers"][0]["pid"]
+        buf, job = big_job(c)
+        first_progress(job)
+        os.kill(worker, signal.SIGSTOP)  # hung: not a thread of it runs, nobody cancels
+        t0 = time.monotonic()
+        with pytest.raises(TesseraError) as e:
+            job.wait(timeout=60)
+        assert time.monotonic() - t0 < 15
+        assert e.value.code == "worker_crashed" and "stopped answering" in e.value.message, e.value.message
+        assert wait_for_new_worker(c, worker)["restarts"] == 1
+        (layer,) = c.submit("classic", 2, upload(c, np.zeros((4, 4, 3)), "u8")).wait(timeout=30)
+        assert layer.buffer.layout["width"] == 8
+
+
+def test_a_hung_idle_worker_is_replaced_before_the_next_job(tmp_path):
+    with Daemon(tmp_path / "rt", ["--heartbeat-timeout", "2"]) as d, d.client() as c:
+        worker = c.list()["workers"][0]["pid"]
+        os.kill(worker, signal.SIGSTOP)
+        wait_for_new_worker(c, worker)
+        assert "stopped answering" in d.log()
+        (layer,) = c.submit("classic", 2, upload(c, np.zeros((4, 4, 3)), "u8")).wait(timeout=30)
+        assert layer.buffer.layout["width"] == 8
+
+
+def test_a_job_without_progress_past_the_stall_timeout_fails_and_its_worker_is_replaced(tmp_path):
+    # The heartbeat's limit far away: only the job's silence can trip here.
+    with Daemon(tmp_path / "rt", ["--heartbeat-timeout", "120", "--stall-timeout", "2"]) as d, d.client() as c:
+        worker = c.list()["workers"][0]["pid"]
+        buf, job = big_job(c)
+        first_progress(job)
+        os.kill(worker, signal.SIGSTOP)
+        with pytest.raises(TesseraError) as e:
+            job.wait(timeout=60)
+        assert e.value.code == "worker_crashed" and "no progress for" in e.value.message, e.value.message
+        wait_for_new_worker(c, worker)
+
+
 def test_an_on_demand_daemon_exits_when_idle(tmp_path):
     d = Daemon(tmp_path / "rt", ["--idle-exit", "1"])
     with d.client() as c:

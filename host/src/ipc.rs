@@ -39,6 +39,9 @@ pub struct RunJob {
     pub outputs: Vec<OutSpec>,
 }
 
+/// How often a worker says it is alive (`FromWorker::Heartbeat`).
+pub const HEARTBEAT_INTERVAL: std::time::Duration = std::time::Duration::from_millis(500);
+
 #[derive(Serialize, Deserialize, Debug)]
 pub enum FromWorker {
     /// The first message: who the worker is and what it loaded.
@@ -52,6 +55,9 @@ pub enum FromWorker {
         requests: IpcSender<ToWorker>,
     },
     Progress { job: u64, done: u64, total: u64, stage: String },
+    /// Sent every `HEARTBEAT_INTERVAL` by a thread of its own: a worker that stops sending it
+    /// (stopped, deadlocked, out of threads) is hung, busy or not.
+    Heartbeat,
     Done { job: u64 },
     Failed { job: u64, cancelled: bool, message: String },
 }

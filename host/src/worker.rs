@@ -73,6 +73,17 @@ pub fn run(ipc_name: String, plugin_dirs: Vec<PathBuf>) -> anyhow::Result<()> {
         requests: req_tx,
     })?;
     let to_daemon = Arc::new(Mutex::new(to_daemon));
+    {
+        // Beats while the process is scheduled and can reach the daemon; a stopped or
+        // deadlocked worker falls silent and is replaced.
+        let to_daemon = to_daemon.clone();
+        std::thread::Builder::new().name("heartbeat".into()).spawn(move || loop {
+            std::thread::sleep(crate::ipc::HEARTBEAT_INTERVAL);
+            if to_daemon.lock().send(FromWorker::Heartbeat).is_err() {
+                return;
+            }
+        })?;
+    }
 
     // A reader thread keeps cancel responsive while the job thread is busy in a plugin.
     let current: Arc<Mutex<CurrentJob>> = Arc::new(Mutex::new(None));

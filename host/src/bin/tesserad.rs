@@ -49,6 +49,13 @@ struct Args {
     /// Seconds a running job may take to stop after a cancel before its worker is restarted.
     #[arg(long, default_value_t = 10.0)]
     cancel_grace: f64,
+    /// Seconds a worker may stay silent (no heartbeat) before it counts as hung and is replaced.
+    #[arg(long, default_value_t = 10.0)]
+    heartbeat_timeout: f64,
+    /// Seconds a running job may go without reporting progress before its worker counts as
+    /// stuck and is replaced.
+    #[arg(long, default_value_t = 600.0)]
+    stall_timeout: f64,
     /// Exit after SECS with no client connected and no job (clients that start tesserad pass it).
     #[arg(long, value_name = "SECS")]
     idle_exit: Option<f64>,
@@ -88,6 +95,8 @@ fn main() -> anyhow::Result<()> {
             }
             config.allow_remote = args.allow_remote;
             config.cancel_grace = std::time::Duration::from_secs_f64(args.cancel_grace.max(0.0));
+            config.heartbeat_timeout = std::time::Duration::from_secs_f64(args.heartbeat_timeout.max(1.0));
+            config.stall_timeout = std::time::Duration::from_secs_f64(args.stall_timeout.max(1.0));
             config.idle_exit = args.idle_exit.map(|s| std::time::Duration::from_secs_f64(s.max(0.0)));
             if !args.plugin_dirs.is_empty() {
                 config.plugin_dirs = args.plugin_dirs;

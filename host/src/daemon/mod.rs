@@ -38,6 +38,13 @@ pub struct Config {
     pub worker_start_timeout: Duration,
     /// How long a running job may take to stop after a cancel before its worker is killed.
     pub cancel_grace: Duration,
+    /// A worker silent this long (no heartbeat, no message) is hung and is replaced.
+    pub heartbeat_timeout: Duration,
+    /// A running job that reports no progress this long is stuck (an engine in a deadlock or a
+    /// driver that never returns, while the heartbeat thread goes on); its worker is replaced.
+    /// Engines report at least every tile or stage; the longest gap measured is well under a
+    /// minute (a PiSA-SR UNet window at full size on 2 CPU cores).
+    pub stall_timeout: Duration,
     /// Exit after this long with no client connected and no job: for daemons that clients
     /// start on demand, so none lingers after the editor is closed.
     pub idle_exit: Option<Duration>,
@@ -56,6 +63,8 @@ impl Default for Config {
             limits: Limits::default(),
             worker_start_timeout: Duration::from_secs(30),
             cancel_grace: Duration::from_secs(10),
+            heartbeat_timeout: Duration::from_secs(10),
+            stall_timeout: Duration::from_secs(600),
             idle_exit: None,
         }
     }

@@ -50,6 +50,8 @@ pub(crate) struct QueuedJob {
 struct Running {
     job: QueuedJob,
     started: Instant,
+    /// The start or the last progress report.
+    progressed: Instant,
     /// Set when a cancel was sent: past it, the worker is killed to get the queue moving.
     cancel_deadline: Option<Instant>,
 }
@@ -58,6 +60,10 @@ struct WorkerProc {
     child: Child,
     tx: IpcSender<ToWorker>,
     pid: u32,
+    /// The last message of any kind from it.
+    heard: Instant,
+    /// Why it was killed, when the daemon killed it for hanging: the failed job says so.
+    hung: Option<String>,
 }
 
 pub(crate) struct Scheduler {
@@ -102,6 +108,7 @@ impl Scheduler {
     pub fn run(mut self) {
         loop {
             self.enforce_cancel_deadline();
+            self.find_hung_worker();
             if self.shutdown.is_none() {
                 self.ensure_worker();
                 self.start_next();
@@ -156,7 +163,12 @@ impl Scheduler {
                     self.cancel_running();
                 }
             }
-            Sched::Worker { generation, msg } if generation == self.generation => self.on_worker_message(msg),
+            Sched::Worker { generation, msg } if generation == self.generation => {
+                if let Some(w) = &mut self.worker {
+                    w.heard = Instant::now();
+                }
+                self.on_worker_message(msg)
+            }
             Sched::Worker { .. } => {}
             Sched::WorkerGone { generation } if generation == self.generation => self.worker_died(),
             Sched::WorkerGone { .. } => {}
@@ -207,14 +219,38 @@ impl Scheduler {
         }
     }
 
+    /// A worker that falls silent (its heartbeat stops: stopped, deadlocked) or whose job
+    /// reports nothing for `stall_timeout` (an engine stuck in a driver) is killed; its death
+    /// fails the job, saying why, and a new worker starts. No cancel is needed for this.
+    fn find_hung_worker(&mut self) {
+        let config = &self.shared.config;
+        let Some(w) = &mut self.worker else { return };
+        if w.hung.is_some() {
+            return;
+        }
+        let silent = w.heard.elapsed();
+        let stalled = self.running.as_ref().map(|r| (r.job.job, r.progressed.elapsed()));
+        let why = if silent > config.heartbeat_timeout {
+            format!("the worker stopped answering for {:.0} s (hung: stopped, deadlocked or stuck in a driver)", silent.as_secs_f64())
+        } else if let Some((job, quiet)) = stalled.filter(|(_, quiet)| *quiet > config.stall_timeout) {
+            format!("job {job} reported no progress for {:.0} s (its engine is stuck)", quiet.as_secs_f64())
+        } else {
+            return;
+        };
+        tracing::error!("{why}: killing worker {}", w.pid);
+        let _ = w.child.kill();
+        w.hung = Some(why);
+    }
+
     fn on_worker_message(&mut self, msg: FromWorker) {
         match msg {
-            FromWorker::Hello { .. } => {}
+            FromWorker::Hello { .. } | FromWorker::Heartbeat => {}
             FromWorker::Progress { job, done, total, stage } => {
-                let Some(r) = &self.running else { return };
+                let Some(r) = &mut self.running else { return };
                 if r.job.job != job {
                     return;
                 }
+                r.progressed = Instant::now();
                 let elapsed = r.started.elapsed().as_secs_f64();
                 let eta = (done > 0 && total >= done).then(|| elapsed * (total - done) as f64 / done as f64);
                 self.shared.send(r.job.client, &Event::Progress { id: r.job.req, job, done, total, stage, eta });
@@ -275,6 +311,8 @@ impl Scheduler {
                 let code = if self.shutdown.is_some() { ErrorCode::ShuttingDown } else { ErrorCode::Cancelled };
                 let message = format!("job {job} was cancelled; its engine did not stop in time, so its worker was restarted");
                 self.finish_failed(r.job, code, message);
+            } else if let Some(why) = &w.hung {
+                self.finish_failed(r.job, ErrorCode::WorkerCrashed, format!("{why}; it was restarted, and job {job} failed"));
             } else {
                 self.finish_failed(r.job, ErrorCode::WorkerCrashed, format!("the worker process died while running job {job} ({status})"));
             }
@@ -322,7 +360,7 @@ impl Scheduler {
                 .map(|o| OutSpec { role: o.role, buf: BufSpec { path: o.info.path.clone(), layout: o.info.layout }, offset: o.offset })
                 .collect(),
         };
-        self.running = Some(Running { job, started: Instant::now(), cancel_deadline: None });
+        self.running = Some(Running { job, started: Instant::now(), progressed: Instant::now(), cancel_deadline: None });
         // If the send fails the worker is dead; its WorkerGone fails the job.
         self.send_worker(ToWorker::Run(run));
     }
@@ -429,7 +467,7 @@ impl Scheduler {
                 }
             }
         })?;
-        Ok(WorkerProc { child, tx: requests, pid })
+        Ok(WorkerProc { child, tx: requests, pid, heard: Instant::now(), hung: None })
     }
 
     fn stop_worker(&mut self) {
