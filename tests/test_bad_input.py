@@ -291,3 +291,84 @@ def test_tcp_refuses_non_loopback_without_allow_remote(tmp_path):
     with pytest.raises(RuntimeError) as e:
         Daemon(tmp_path / "rt", ["--listen", "tcp:0.0.0.0:0"], env={"XDG_CONFIG_HOME": str(tmp_path)})
     assert "loopback" in str(e.value)
+
+
+OTHER_USER = "tessera-test-other"
+
+
+@pytest.fixture
+def other_user():
+    """A second local user (created for the test; needs root and useradd)."""
+    import pwd
+    import shutil
+    import subprocess
+    if os.geteuid() != 0 or not shutil.which("useradd"):
+        pytest.skip("needs root and useradd to create a second user")
+    subprocess.run(["userdel", OTHER_USER], capture_output=True)
+    subprocess.run(["useradd", "--no-create-home", "--shell", "/usr/sbin/nologin", OTHER_USER], check=True, capture_output=True)
+    yield pwd.getpwnam(OTHER_USER)
+    subprocess.run(["userdel", OTHER_USER], capture_output=True)
+
+
+def as_user(user, code):
+    """Runs Python `code` as `user`; returns its stdout."""
+    import subprocess
+    import sys
+
+    def drop():
+        os.setgroups([])
+        os.setgid(user.pw_gid)
+        os.setuid(user.pw_uid)
+    # The test's own Python may live where the other user cannot go (pyenv under /root).
+    python = "/usr/bin/python3" if os.path.exists("/usr/bin/python3") else sys.executable
+    r = subprocess.run([python, "-c", code], preexec_fn=drop, capture_output=True, text=True, timeout=30, cwd="/")
+    assert r.returncode == 0, r.stderr
+    return r.stdout.strip()
+
+
+def test_another_local_user_can_reach_nothing(other_user):
+    """Another user on the machine can neither connect, nor open a buffer, nor read the TCP
+    token, even where the folders above the daemon's are open to all."""
+    import tempfile
+    top = tempfile.mkdtemp(prefix="tessera-perm-")
+    os.chmod(top, 0o755)
+    try:
+        port_probe = socket.socket()
+        port_probe.bind(("127.0.0.1", 0))
+        port = port_probe.getsockname()[1]
+        port_probe.close()
+        config = os.path.join(top, "config")
+        os.makedirs(config, mode=0o755)
+        with Daemon(os.path.join(top, "rt"), ["--listen", "tcp:%d" % port], env={"XDG_CONFIG_HOME": config}) as d:
+            s = greeted(d.socket)
+            send(s, {"type": "alloc", "id": 2, "layout": {"width": 4, "height": 4, "channels": 3, "sample": "u8"}})
+            path = recv(s)["buffer"]["path"]
+            token = os.path.join(config, "tessera", "token")
+            probe = """
+import socket
+def attempt(f):
+    try:
+        f()
+        return "allowed"
+    except PermissionError:
+        return "denied"
+def connect():
+    s = socket.socket(socket.AF_UNIX)
+    s.connect(%r)
+print(attempt(connect), attempt(lambda: open(%r, "rb").read(1)), attempt(lambda: open(%r).read()))
+""" % (d.socket, path, token)
+            assert as_user(other_user, probe) == "denied denied denied"
+            # Over TCP it gets as far as hello, and no further without the token.
+            hello = ("import json, socket, struct\n"
+                     "s = socket.create_connection(('127.0.0.1', %d))\n"
+                     "b = json.dumps({'type': 'hello', 'id': 1, 'protocol': 1, 'client': 'other'}).encode()\n"
+                     "s.sendall(struct.pack('<I', len(b)) + b)\n"
+                     "n = struct.unpack('<I', s.recv(4))[0]\n"
+                     "body = b''\n"
+                     "while len(body) < n: body += s.recv(n - len(body))\n"
+                     "print(json.loads(body)['code'])\n") % port
+            assert as_user(other_user, hello) == "unauthorized"
+            s.close()
+    finally:
+        import shutil
+        shutil.rmtree(top, ignore_errors=True)

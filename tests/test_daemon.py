@@ -371,6 +371,77 @@ def test_a_job_without_progress_past_the_stall_timeout_fails_and_its_worker_is_r
         wait_for_new_worker(c, worker)
 
 
+def open_files(pid):
+    return len(os.listdir("/proc/%d/fd" % pid))
+
+
+def rss_mib(pid):
+    with open("/proc/%d/status" % pid) as f:
+        return next(int(l.split()[1]) for l in f if l.startswith("VmRSS:")) / 1024.0
+
+
+def test_a_hundred_worker_kills_while_two_clients_submit(tmp_path):
+    """The worker is killed 100 times at random points of running jobs while two clients keep
+    submitting: each job ends with its result or a clear error, no client is disconnected, no
+    buffer file is left, and the daemon's open files and memory stay flat."""
+    import random
+    rng = random.Random(7)
+    with Daemon(tmp_path / "rt") as d, d.client(client="a") as a, d.client(client="b") as b, d.client() as watch:
+        outcomes = {"a": [], "b": []}
+        stop = threading.Event()
+
+        def submitter(name, c, side):
+            src = upload(c, np.random.default_rng(side).integers(0, 255, (side, side, 3)), "u8")
+            while not stop.is_set():
+                try:
+                    (layer,) = c.submit("classic", 2, src, output_sample="u8").wait(timeout=120)
+                    assert layer.buffer.layout["width"] == 2 * side
+                    c.release(layer.buffer)
+                    outcomes[name].append("done")
+                except TesseraError as e:
+                    assert e.code == "worker_crashed" and "died" in e.message, (e.code, e.message)
+                    outcomes[name].append("crashed")
+
+        threads = [threading.Thread(target=submitter, args=("a", a, 300)), threading.Thread(target=submitter, args=("b", b, 200))]
+        for t in threads:
+            t.start()
+        time.sleep(1)
+        files0, rss0 = open_files(d.proc.pid), rss_mib(d.proc.pid)
+        kills = 0
+        deadline = time.time() + 600
+        while kills < 100 and time.time() < deadline:
+            w = watch.list()["workers"][0]
+            if w["state"] == "busy" and w["pid"]:
+                time.sleep(rng.uniform(0, 0.05))
+                try:
+                    os.kill(w["pid"], signal.SIGKILL)
+                    kills += 1
+                except ProcessLookupError:
+                    pass
+                # Its replacement first, then the next kill.
+                t0 = time.time()
+                while watch.list()["workers"][0]["pid"] in (None, w["pid"]) and time.time() - t0 < 60:
+                    time.sleep(0.02)
+            else:
+                time.sleep(0.01)
+        time.sleep(1)
+        stop.set()
+        for t in threads:
+            t.join(timeout=300)
+        assert kills == 100
+        for name in ("a", "b"):
+            assert outcomes[name].count("crashed") >= 1 and outcomes[name].count("done") >= 1, outcomes[name]
+        assert a.ping()["type"] == "pong" and b.ping()["type"] == "pong"
+        restarts = watch.list()["workers"][0]["restarts"]
+        assert restarts == 100, restarts
+        # Only the two inputs are left; the daemon's files and memory did not grow with the kills.
+        assert len(os.listdir(d.buffers)) == 2, os.listdir(d.buffers)
+        files1, rss1 = open_files(d.proc.pid), rss_mib(d.proc.pid)
+        print("open files %d -> %d, RSS %.1f -> %.1f MiB after 100 kills" % (files0, files1, rss0, rss1))
+        assert files1 <= files0 + 2
+        assert rss1 <= rss0 + 20
+
+
 def test_an_on_demand_daemon_exits_when_idle(tmp_path):
     d = Daemon(tmp_path / "rt", ["--idle-exit", "1"])
     with d.client() as c:
