@@ -16,6 +16,7 @@ import pytest
 from PIL import Image
 
 from harness import ROOT, Daemon, exe, tessera_cli
+from tessera_client import TesseraError
 from test_daemon import as_array, upload
 
 FIX = os.path.join(ROOT, "tests", "fixtures", "pisa")
@@ -258,3 +259,27 @@ def test_a_tiled_job_reports_its_tiles_and_its_layers_still_add_up(daemon):
             timeout=300, progress=lambda ev: stages.append(ev["stage"]))
         assert any(s.startswith("decode 1/") for s in stages), stages
         c.release(buf)
+
+
+def test_a_model_file_damaged_after_import_is_caught_before_any_job_runs(pisa_store, tmp_path):
+    """A weight file truncated, or changed in place at the same size, after the import is
+    found at submit (sizes, times and SHA-256 against the manifest), before a worker loads it;
+    the error names the file and the command that repairs it. Put back, the model runs."""
+    import shutil
+    store = tmp_path / "store"
+    shutil.copytree(pisa_store, store)
+    weights = store / "pisa" / "vae.safetensors"
+    good = weights.read_bytes()
+    with Daemon(tmp_path / "rt", env={"TESSERA_MODEL_DIR": str(store)}) as d, d.client() as c:
+        buf = upload(c, np.full((8, 8, 3), 90), "u8")
+        c.submit("pisa", 4, buf).wait(timeout=300)  # verified and loaded once
+        for damage in (good[: len(good) // 2], good[:-1] + bytes([good[-1] ^ 1])):
+            weights.write_bytes(damage)
+            with pytest.raises(TesseraError) as e:
+                c.submit("pisa", 4, buf)
+            assert e.value.code == "model_not_installed", e.value
+            assert "vae.safetensors" in e.value.message
+            assert "tessera models import pisa" in (e.value.hint or ""), e.value.hint
+        weights.write_bytes(good)
+        (base, _, _) = c.submit("pisa", 4, buf).wait(timeout=300)
+        assert base.buffer.layout["width"] == 32
