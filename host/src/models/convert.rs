@@ -118,6 +118,10 @@ pub fn rrdbnet_pth(bytes: &[u8]) -> Result<Vec<Tensor>, ConvertError> {
     // candle's pickle reader opens the zip by path.
     let tmp = std::env::temp_dir().join(format!("tessera-pth-{}-{:p}.pth", std::process::id(), bytes));
     std::fs::write(&tmp, bytes).map_err(|e| ConvertError::Pth(format!("cannot write {}: {e}", tmp.display())))?;
+    if let Err(why) = tessera_pisa_model::torch::check(&tmp) {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(ConvertError::Pth(why));
+    }
     let read = ["params_ema", "params"]
         .into_iter()
         .map(Some)

@@ -17,3 +17,4 @@ pub use error::{ModelError, Result};
 pub mod checkpoint;
 pub mod import;
 pub mod store;
+pub mod torch;

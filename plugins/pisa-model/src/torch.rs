@@ -1,0 +1,120 @@
+//! Checks a torch.save file before candle's pickle reader sees it. That reader trusts the
+//! file: a length inside the pickle ("a string of 2.6 GB follows") or a tensor's shape is
+//! allocated before a byte of it is read, so a damaged or hostile checkpoint could take all
+//! memory (found by the fuzzer, tests/fuzz). Here every length-prefixed pickle argument must
+//! fit in what is left of the pickle, and every tensor in the zip entry that holds it.
+
+use std::fs::File;
+use std::io::Read;
+use std::path::Path;
+
+/// The most a checkpoint's pickle (its structure and keys, not its tensors) may hold: real
+/// ones are kilobytes.
+pub const MAX_PICKLE_BYTES: u64 = 64 << 20;
+
+/// Why the file cannot be read safely; `Ok` also for files that are not zips (candle then
+/// says what is wrong with them without reading anything).
+pub fn check(path: &Path) -> Result<(), String> {
+    let Ok(mut zip) = File::open(path).map_err(|e| e.to_string()).map(zip::ZipArchive::new)? else {
+        return Ok(());
+    };
+    let names: Vec<String> = zip.file_names().filter_map(|n| n.ok().map(|n| n.into_owned())).collect();
+    for name in names.iter().filter(|n| n.ends_with("data.pkl")) {
+        let stored = zip.by_name_raw(name.as_bytes()).map(|e| e.compression() == zip::CompressionMethod::Stored).unwrap_or(false);
+        // torch.save stores entries uncompressed: read those raw, as candle does, without
+        // insisting on their CRC (which candle's reader does not check either).
+        let entry = if stored { zip.by_name_raw(name.as_bytes()) } else { zip.by_name(name) }.map_err(|e| format!("{name}: {e}"))?;
+        if entry.size() > MAX_PICKLE_BYTES {
+            return Err(format!("its pickle `{name}` claims {} bytes; checkpoints' are far smaller", entry.size()));
+        }
+        let mut pickle = Vec::new();
+        entry.take(MAX_PICKLE_BYTES).read_to_end(&mut pickle).map_err(|e| format!("{name}: {e}"))?;
+        walk(&pickle).map_err(|why| format!("its pickle `{name}` is damaged: {why}"))?;
+    }
+    // The pickle is sound: now each tensor must fit in the entry that stores it.
+    let Ok(infos) = candle_core::pickle::read_pth_tensor_info(path, false, None) else { return Ok(()) };
+    for t in infos {
+        let elements = t.layout.dims().iter().try_fold(1usize, |n, &d| n.checked_mul(d));
+        let bytes = elements
+            .and_then(|n| n.checked_add(t.layout.start_offset()))
+            .and_then(|n| n.checked_mul(t.dtype.size_in_bytes()));
+        let stored = zip.by_name(&t.path).map(|e| e.size()).unwrap_or(0);
+        if bytes.is_none_or(|b| b as u64 > stored) {
+            return Err(format!("tensor `{}` of shape {:?} needs more bytes than its entry `{}` holds ({stored})", t.name, t.layout.dims(), t.path));
+        }
+    }
+    Ok(())
+}
+
+/// Walks a pickle's opcodes (protocols 0–5), checking that each length-prefixed argument fits
+/// in the bytes left. Stops at STOP, or at an opcode it does not know (candle refuses those).
+fn walk(p: &[u8]) -> Result<(), String> {
+    let mut at = 0usize;
+    let take = |at: &mut usize, n: usize| -> Result<usize, String> {
+        let start = *at;
+        *at = start.checked_add(n).filter(|&end| end <= p.len()).ok_or("it ends inside an opcode's argument")?;
+        Ok(start)
+    };
+    let le = |bytes: &[u8]| bytes.iter().rev().fold(0u64, |v, &b| (v << 8) | b as u64);
+    while at < p.len() {
+        let op = p[at];
+        at += 1;
+        let fixed = match op {
+            b'.' => return Ok(()),
+            b'(' | b'0' | b'1' | b'2' | b'N' | 0x88 | 0x89 | b'R' | b'b' | b'a' | b'e' | b'd' | b'}' | b'l' | b']' | b't'
+            | b')' | 0x85 | 0x86 | 0x87 | b's' | b'u' | b'Q' | 0x81 | 0x8f | 0x90 | 0x91 | 0x92 | 0x93 | 0x94 | b'o' => 0,
+            0x80 | b'K' | b'h' | b'q' | 0x82 => 1,
+            b'M' | 0x83 => 2,
+            b'J' | b'j' | b'r' | 0x84 => 4,
+            b'G' | 0x95 => 8,
+            // Length-prefixed: LONG1, SHORT_BINUNICODE, SHORT_BINBYTES, SHORT_BINSTRING (1-byte
+            // length); LONG4, BINUNICODE, BINBYTES, BINSTRING (4); BINUNICODE8, BINBYTES8,
+            // BYTEARRAY8 (8).
+            0x8a | 0x8c | b'C' | b'U' | 0x8b | b'X' | b'B' | b'T' | 0x8d | 0x8e | 0x96 => {
+                let width = match op {
+                    0x8a | 0x8c | b'C' | b'U' => 1,
+                    0x8b | b'X' | b'B' | b'T' => 4,
+                    _ => 8,
+                };
+                let start = take(&mut at, width)?;
+                let len = le(&p[start..start + width]);
+                let left = (p.len() - at) as u64;
+                if len > left {
+                    return Err(format!("opcode {op:#04x} at byte {} claims {len} bytes, {left} are left", start - 1));
+                }
+                at += len as usize;
+                continue;
+            }
+            // Text arguments up to a newline (GLOBAL and INST: two of them).
+            b'I' | b'L' | b'F' | b'S' | b'V' | b'P' | b'g' | b'p' | b'c' | b'i' => {
+                let lines = if matches!(op, b'c' | b'i') { 2 } else { 1 };
+                for _ in 0..lines {
+                    let end = p[at..].iter().position(|&b| b == b'\n').ok_or("a text argument has no end")?;
+                    at += end + 1;
+                }
+                continue;
+            }
+            _ => return Ok(()),
+        };
+        take(&mut at, fixed)?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::walk;
+
+    #[test]
+    fn lengths_must_fit_in_the_pickle() {
+        // PROTO 2, SHORT_BINUNICODE "ab", STOP.
+        assert!(walk(&[0x80, 2, 0x8c, 2, b'a', b'b', b'.']).is_ok());
+        // BINUNICODE claiming 2.6 GB with two bytes after it.
+        let err = walk(&[0x80, 2, b'X', 0x16, 0x2c, 0x00, 0x9c, b'a', b'b', b'.']).unwrap_err();
+        assert!(err.contains("claims 2617256982 bytes, 3 are left"), "{err}");
+        // An argument cut off by the end of the data.
+        assert!(walk(&[b'J', 1, 2]).is_err());
+        // GLOBAL's two lines, then BINPUT 0 and STOP.
+        assert!(walk(b"ctorch\nFloatStorage\nq\x00.").is_ok());
+    }
+}
