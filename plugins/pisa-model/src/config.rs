@@ -168,6 +168,9 @@ impl UNetConfig {
         if self.act_fn != "silu" || self.time_embedding_type != "positional" || self.resnet_time_scale_shift != "default" {
             return Err(bad("act_fn, time_embedding_type and resnet_time_scale_shift must be SD2.1's (silu, positional, default)".into()));
         }
+        if self.norm_num_groups == 0 {
+            return Err(bad("norm_num_groups is 0: GroupNorm needs at least one group".into()));
+        }
         for (i, c) in self.block_out_channels.iter().enumerate() {
             let heads = self.heads(i);
             if c % self.norm_num_groups != 0 || heads == 0 || c % heads != 0 {
@@ -226,6 +229,9 @@ impl VaeConfig {
         }
         if self.act_fn != "silu" || self.shift_factor.is_some_and(|s| s != 0.0) {
             return Err(bad("act_fn must be silu and shift_factor unset (SD2.1's VAE)".into()));
+        }
+        if self.norm_num_groups == 0 {
+            return Err(bad("norm_num_groups is 0: GroupNorm needs at least one group".into()));
         }
         if let Some(c) = self.block_out_channels.iter().find(|c| *c % self.norm_num_groups != 0) {
             return Err(bad(format!("{c} channels do not divide into {} groups", self.norm_num_groups)));
@@ -306,4 +312,19 @@ pub fn parse_vae(text: &str, name: &Path) -> Result<VaeConfig> {
     let c: VaeConfig = serde_json::from_str(text).map_err(|e| ModelError::Config { path: name.to_path_buf(), why: e.to_string() })?;
     c.validate(name)?;
     Ok(c)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Found by the diffusers_config fuzz target: zero groups divided by zero.
+    #[test]
+    fn zero_norm_groups_is_an_error_not_a_panic() {
+        let vae = include_str!("../../../tests/fixtures/pisa/sd21-tiny/vae/config.json").replace("\"norm_num_groups\": 8", "\"norm_num_groups\": 0");
+        let unet = include_str!("../../../tests/fixtures/pisa/sd21-tiny/unet/config.json").replace("\"norm_num_groups\": 8", "\"norm_num_groups\": 0");
+        for err in [parse_vae(&vae, Path::new("vae/config.json")).err(), parse_unet(&unet, Path::new("unet/config.json")).err()] {
+            assert!(err.expect("refused").to_string().contains("norm_num_groups is 0"));
+        }
+    }
 }
