@@ -139,6 +139,16 @@ def big_job(client, side=2400):
     return buf, client.submit("classic", 4, buf, output_sample="u8")
 
 
+def wait_for_new_worker(c, old_pid, timeout=30):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        w = c.list()["workers"][0]
+        if w["pid"] not in (None, old_pid) and w["state"] == "idle":
+            return w
+        time.sleep(0.05)
+    raise AssertionError("no new worker replaced %d" % old_pid)
+
+
 def first_progress(job, timeout=60):
     for ev in job.events(timeout=timeout):
         if ev["type"] == "progress" and ev["done"] >= 1:
@@ -189,13 +199,8 @@ def test_killed_worker_fails_its_job_and_is_restarted(daemon):
         assert "died" in e.value.message and "signal 9" in e.value.message
         # No client was disconnected, a new worker took over, and the next job succeeds.
         other.ping()
-        deadline = time.time() + 10
-        while True:
-            w = c.list()["workers"][0]
-            if w["pid"] not in (None, worker["pid"]) and w["state"] == "idle" or time.time() > deadline:
-                break
-            time.sleep(0.05)
-        assert w["restarts"] == 1 and w["pid"] != worker["pid"]
+        w = wait_for_new_worker(c, worker["pid"], timeout=10)
+        assert w["restarts"] == 1
         (layer,) = c.submit("classic", 2, buf, output_sample="u8").wait(timeout=120)
         assert layer.buffer.layout["width"] == 4800
 
@@ -320,16 +325,6 @@ def test_an_engine_that_ignores_cancel_is_stopped_by_restarting_its_worker(tmp_p
         (layer,) = c.submit("classic", 2, small).wait(timeout=30)
         assert layer.buffer.layout["width"] == 8
         assert c.list()["workers"][0]["pid"] != worker
-
-
-def wait_for_new_worker(c, old_pid, timeout=30):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        w = c.list()["workers"][0]
-        if w["pid"] not in (None, old_pid) and w["state"] == "idle":
-            return w
-        time.sleep(0.05)
-    raise AssertionError("no new worker replaced %d" % old_pid)
 
 
 def test_a_hung_worker_is_found_without_a_cancel_and_its_job_fails_clearly(tmp_path):

@@ -100,10 +100,6 @@ impl BufferStore {
         &self.dir
     }
 
-    pub fn client_bytes(&self, owner: ClientId) -> u64 {
-        self.usage.get(&owner).map_or(0, |u| u.bytes)
-    }
-
     /// Creates one buffer per layout for `owner`, all or none. Layouts must already be valid.
     pub fn alloc(&mut self, owner: ClientId, layouts: &[Layout], limits: &Limits) -> Result<Vec<BufferInfo>, BufferError> {
         let wanted: u64 = layouts.iter().map(Layout::byte_len).sum();

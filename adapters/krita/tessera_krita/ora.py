@@ -17,8 +17,6 @@ GROUP_PREFIX = "Tessera ×"
 # Krita's ids for the blends residual layers travel with (the layer contract's grain_merge and
 # addition; Krita reads the ORA's svg:plus as "add").
 RESIDUAL_BLENDS = ("grain_merge", "add")
-
-
 DEPTHS = ("U8", "U16", "F16", "F32")
 
 
@@ -38,30 +36,27 @@ def tessera_layers(doc):
 
 def fix_tessera_ora(doc):
     """Gives the detail layers of Tessera groups inherit alpha and the document the depth of
-    its deepest Tessera layer; returns what it changed. The document stays unmodified: this is
-    how the file is meant to be seen, not an edit."""
+    its deepest Tessera layer. The document stays unmodified: this is how the file is meant to
+    be seen, not an edit."""
+    def rank(depth):
+        return DEPTHS.index(depth) if depth in DEPTHS else -1
     layers = tessera_layers(doc)
     detail = [l for l in layers if l.blendingMode() in RESIDUAL_BLENDS and not l.inheritAlpha()]
-    deepest = max(layers, key=lambda l: DEPTHS.index(l.colorDepth()) if l.colorDepth() in DEPTHS else -1, default=None)
-    deeper = (deepest is not None and deepest.colorDepth() in DEPTHS and doc.colorDepth() in DEPTHS
-              and DEPTHS.index(deepest.colorDepth()) > DEPTHS.index(doc.colorDepth()))
+    deepest = max(layers, key=lambda l: rank(l.colorDepth()), default=None)
+    deeper = deepest is not None and rank(doc.colorDepth()) >= 0 and rank(deepest.colorDepth()) > rank(doc.colorDepth())
     if not detail and not deeper:
-        return []
+        return
     was_modified = doc.modified()
     for layer in detail:
         layer.setInheritAlpha(True)
-    changed = ["inherit alpha on %d layers" % len(detail)] if detail else []
     if deeper:
-        if doc.setColorSpace(deepest.colorModel(), deepest.colorDepth(), deepest.colorProfile()):
-            changed.append("document converted to %s" % deepest.colorDepth())
-        doc.waitForDone()
+        doc.setColorSpace(deepest.colorModel(), deepest.colorDepth(), deepest.colorProfile())
     doc.refreshProjection()
     doc.waitForDone()
     doc.setModified(was_modified)
     # The conversion's undo step lands from the event loop, marking the document modified
     # again after this returns: clear it once more from there.
     QTimer.singleShot(0, lambda: doc.setModified(was_modified))
-    return changed
 
 
 class OraWatch(object):
