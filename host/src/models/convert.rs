@@ -118,21 +118,24 @@ pub fn rrdbnet_pth(bytes: &[u8]) -> Result<Vec<Tensor>, ConvertError> {
     // candle's pickle reader opens the zip by path.
     let tmp = std::env::temp_dir().join(format!("tessera-pth-{}-{:p}.pth", std::process::id(), bytes));
     std::fs::write(&tmp, bytes).map_err(|e| ConvertError::Pth(format!("cannot write {}: {e}", tmp.display())))?;
-    if let Err(why) = tessera_pisa_model::torch::check(&tmp) {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(ConvertError::Pth(why));
+    // Real-ESRGAN keeps its tensors under one of these keys, or at the top level.
+    let mut found = None;
+    let mut why = "no tensors found (not a PyTorch checkpoint?)".to_string();
+    for key in [Some("params_ema"), Some("params"), None] {
+        match tessera_pisa_model::torch::read(&tmp, key) {
+            Ok(t) if !t.is_empty() => {
+                found = Some(t);
+                break;
+            }
+            Err(tessera_pisa_model::torch::ReadError::Damaged(e)) => {
+                why = e;
+                break;
+            }
+            Ok(_) | Err(_) => {}
+        }
     }
-    let read = ["params_ema", "params"]
-        .into_iter()
-        .map(Some)
-        .chain([None])
-        .map(|key| candle_core::pickle::read_all_with_key(&tmp, key))
-        .find(|r| r.as_ref().is_ok_and(|t| !t.is_empty()));
     let _ = std::fs::remove_file(&tmp);
-    let tensors: HashMap<String, candle_core::Tensor> = match read {
-        Some(Ok(t)) => t.into_iter().collect(),
-        _ => return Err(ConvertError::Pth("no tensors found (not a PyTorch checkpoint?)".into())),
-    };
+    let tensors: HashMap<String, candle_core::Tensor> = found.ok_or(ConvertError::Pth(why))?.into_iter().collect();
     let num_block = (0..).take_while(|b| tensors.contains_key(&format!("body.{b}.rdb1.conv1.weight"))).count();
     let dim0 = |k: &str| tensors.get(k).and_then(|t| t.dims().first().copied()).unwrap_or(0);
     let names = super::ncnn::rrdbnet_convs(num_block, dim0("conv_first.weight"), dim0("body.0.rdb1.conv1.weight"));

@@ -57,9 +57,8 @@ impl PisaLora {
         if !path.is_file() {
             return Err(ModelError::File { path: path.to_path_buf(), why: "no such file (the PiSA-SR checkpoint, pisa_sr.pkl)".into() });
         }
-        crate::torch::check(path).map_err(|why| bad(format!("{why}; is it PiSA-SR's pisa_sr.pkl, whole?")))?;
-        let tensors = candle_core::pickle::read_all_with_key(path, Some("state_dict_unet"))
-            .map_err(|e| bad(format!("cannot read `state_dict_unet` from it as a torch.save file ({e}); is it PiSA-SR's pisa_sr.pkl, whole?")))?;
+        let tensors = crate::torch::read(path, Some("state_dict_unet"))
+            .map_err(|why| bad(format!("cannot read `state_dict_unet` from it as a torch.save file ({why}); is it PiSA-SR's pisa_sr.pkl, whole?")))?;
         if tensors.is_empty() {
             return Err(bad("it has no `state_dict_unet` tensors; PiSA-SR's pisa_sr.pkl has 1032".into()));
         }

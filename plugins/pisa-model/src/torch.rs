@@ -2,8 +2,12 @@
 //! file: a length inside the pickle ("a string of 2.6 GB follows") or a tensor's shape is
 //! allocated before a byte of it is read, so a damaged or hostile checkpoint could take all
 //! memory (found by the fuzzer, tests/fuzz). Here every length-prefixed pickle argument must
-//! fit in what is left of the pickle, and every tensor in the zip entry that holds it.
+//! fit in what is left of the pickle, and every tensor in the zip entry that holds it. The
+//! reader also indexes tuples as torch writes them (`args.remove(3)`), so a damaged pickle
+//! makes it panic: [`read`] runs it where a panic becomes an error, as a worker must not die of
+//! a file (and a panic must not cross the plugin ABI).
 
+use candle_core::Tensor;
 use std::fs::File;
 use std::io::Read;
 use std::path::Path;
@@ -11,6 +15,32 @@ use std::path::Path;
 /// The most a checkpoint's pickle (its structure and keys, not its tensors) may hold: real
 /// ones are kilobytes.
 pub const MAX_PICKLE_BYTES: u64 = 64 << 20;
+
+/// Why [`read`] gave no tensors.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    /// The file is damaged or hostile: no key of it can be read.
+    #[error("{0}")]
+    Damaged(String),
+    /// candle's reader refused it (not a torch.save file, no such key, …).
+    #[error("{0}")]
+    Refused(String),
+}
+
+/// Every tensor of a torch.save file (under `key` of its top-level dict, if given), after
+/// [`check`]; a panic of candle's reader is a [`ReadError::Damaged`].
+pub fn read(path: &Path, key: Option<&str>) -> Result<Vec<(String, Tensor)>, ReadError> {
+    check(path).map_err(ReadError::Damaged)?;
+    guarded(|| candle_core::pickle::read_all_with_key(path, key)).map_err(ReadError::Damaged)?.map_err(|e| ReadError::Refused(e.to_string()))
+}
+
+/// Runs one of candle's pickle readers, its panics turned into an error.
+fn guarded<T>(f: impl FnOnce() -> T) -> Result<T, String> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).map_err(|panic| {
+        let what = panic.downcast_ref::<&str>().map(|s| s.to_string()).or_else(|| panic.downcast_ref::<String>().cloned());
+        format!("its pickle is damaged (the reader stopped: {})", what.unwrap_or_else(|| "a panic".into()))
+    })
+}
 
 /// Why the file cannot be read safely; `Ok` also for files that are not zips (candle then
 /// says what is wrong with them without reading anything).
@@ -32,7 +62,7 @@ pub fn check(path: &Path) -> Result<(), String> {
         walk(&pickle).map_err(|why| format!("its pickle `{name}` is damaged: {why}"))?;
     }
     // The pickle is sound: now each tensor must fit in the entry that stores it.
-    let Ok(infos) = candle_core::pickle::read_pth_tensor_info(path, false, None) else { return Ok(()) };
+    let Ok(infos) = guarded(|| candle_core::pickle::read_pth_tensor_info(path, false, None))? else { return Ok(()) };
     for t in infos {
         let elements = t.layout.dims().iter().try_fold(1usize, |n, &d| n.checked_mul(d));
         let bytes = elements
@@ -103,7 +133,26 @@ fn walk(p: &[u8]) -> Result<(), String> {
 
 #[cfg(test)]
 mod tests {
-    use super::walk;
+    use super::{read, walk, ReadError};
+    use std::io::Write;
+
+    #[test]
+    fn a_pickle_that_makes_candle_panic_is_an_error() {
+        // {"w": torch._utils._rebuild_tensor_v2()}: candle's reader takes the fourth of the
+        // (empty) arguments and panics (found by the torch_pickle fuzz target).
+        let pickle = b"\x80\x02}q\x00X\x01\x00\x00\x00wctorch._utils\n_rebuild_tensor_v2\n)Rs.";
+        let path = std::env::temp_dir().join(format!("tessera-panic-{}.pth", std::process::id()));
+        let mut zip = zip::ZipWriter::new(std::fs::File::create(&path).unwrap());
+        zip.start_file("archive/data.pkl", zip::write::SimpleFileOptions::default().compression_method(zip::CompressionMethod::Stored)).unwrap();
+        zip.write_all(pickle).unwrap();
+        zip.finish().unwrap();
+        let got = read(&path, None);
+        std::fs::remove_file(&path).unwrap();
+        match got {
+            Err(ReadError::Damaged(why)) => assert!(why.contains("the reader stopped"), "{why}"),
+            other => panic!("expected a damaged-pickle error, got {:?}", other.map(|t| t.len())),
+        }
+    }
 
     #[test]
     fn lengths_must_fit_in_the_pickle() {

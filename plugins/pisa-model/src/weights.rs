@@ -31,8 +31,8 @@ impl Weights {
             let bytes = std::fs::read(path).map_err(|e| fail(e.to_string()))?;
             candle_core::safetensors::load_buffer(&bytes, device).map_err(|e| fail(format!("not a readable safetensors file ({e})")))?
         } else {
-            candle_core::pickle::read_all_with_key(path, None)
-                .map_err(|e| fail(format!("not a readable PyTorch checkpoint ({e})")))?
+            crate::torch::read(path, None)
+                .map_err(|why| fail(format!("not a readable PyTorch checkpoint ({why})")))?
                 .into_iter()
                 .collect()
         };
