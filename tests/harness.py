@@ -99,3 +99,29 @@ def raw_socket(path, timeout=10.0):
     s.settimeout(timeout)
     s.connect(path)
     return s
+
+
+def installed(home, *args, env=None):
+    """Runs `tessera install --no-model ARGS` for a user whose HOME is `home` (no XDG
+    variables: the defaults under HOME), and returns where the install put the adapters."""
+    home = str(home)
+    env = user_env(home, env)
+    r = subprocess.run([exe("tessera"), "install", "--no-model"] + list(args), env=env, capture_output=True, text=True, timeout=300)
+    if r.returncode != 0:
+        raise RuntimeError("tessera install failed:\n" + r.stderr)
+    return {
+        "prefix": os.path.join(home, ".local", "share", "tessera"),
+        "gimp_plugins": os.path.join(home, ".config", "GIMP", "3.0", "plug-ins"),
+        "pykrita": os.path.join(home, ".local", "share", "krita", "pykrita"),
+        "kritarc": os.path.join(home, ".config", "kritarc"),
+        "stderr": r.stderr,
+    }
+
+
+def user_env(home, extra=None):
+    """The environment of a user whose HOME is `home`, XDG folders at their defaults."""
+    env = dict(os.environ, HOME=str(home), TESSERA_RUNTIME_DIR=os.path.join(str(home), "rt"))
+    for var in ("XDG_CONFIG_HOME", "XDG_DATA_HOME", "TESSERA_MODEL_DIR", "TESSERA_SOCKET", "TESSERA_BIN_DIR"):
+        env.pop(var, None)
+    env.update(extra or {})
+    return env

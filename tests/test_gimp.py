@@ -7,7 +7,6 @@ TESSERA_REQUIRE_RIGS=1 so that these tests fail rather than skip when it is miss
 
 import json
 import os
-import shutil
 import subprocess
 import zipfile
 
@@ -15,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from harness import ROOT, Daemon, bin_dir, tessera_cli
+from harness import ROOT, Daemon, bin_dir, installed, tessera_cli
 from pngio import read_png, write_png
 
 # The rig .ci/run found and set up, else the shared folder beside the repository's.
@@ -31,14 +30,9 @@ pytestmark = pytest.mark.skipif(not READY and not os.environ.get("TESSERA_REQUIR
 
 @pytest.fixture(scope="module")
 def plugin_dir(tmp_path_factory):
-    """The plug-in folder as the installer lays it out: tessera-upscale/tessera-upscale.py with
-    the shared client beside it."""
-    root = tmp_path_factory.mktemp("gimp-plugins")
-    dst = root / "tessera-upscale"
-    shutil.copytree(os.path.join(ROOT, "adapters", "gimp", "tessera-upscale"), dst)
-    shutil.copytree(os.path.join(ROOT, "adapters", "python", "tessera_client"), dst / "tessera_client",
-                    ignore=shutil.ignore_patterns("__pycache__"))
-    return root
+    """The plug-ins folder of a GIMP 3 profile after `tessera install`: GIMP runs the installed
+    copy (tessera-upscale/tessera-upscale.py, the client beside it)."""
+    return installed(tmp_path_factory.mktemp("gimp-user"))["gimp_plugins"]
 
 
 def picture(path, mode, size=(40, 32)):

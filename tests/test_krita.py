@@ -8,7 +8,6 @@ Needs root and the rigs (`bash ../shared/rigs/krita-rig.sh setup`, and with TESS
 
 import json
 import os
-import shutil
 import subprocess
 import zipfile
 
@@ -17,7 +16,7 @@ import pytest
 
 import time
 
-from harness import ROOT, Daemon, bin_dir
+from harness import ROOT, Daemon, bin_dir, installed
 from pngio import read_png
 from test_gimp import cli_ora, daemon_render, daemon_x_full, ora_source, picture
 
@@ -35,15 +34,9 @@ VARIANTS = [pytest.param(v, marks=pytest.mark.skipif(not (READY[v] and os.path.i
 
 @pytest.fixture(scope="module")
 def plugin_dir(tmp_path_factory):
-    """The pykrita layout the installer writes: tessera_krita.desktop and tessera_krita/ with the
-    shared client inside."""
-    root = tmp_path_factory.mktemp("krita-plugins")
-    shutil.copy(os.path.join(ROOT, "adapters", "krita", "tessera_krita.desktop"), root)
-    shutil.copytree(os.path.join(ROOT, "adapters", "krita", "tessera_krita"), root / "tessera_krita",
-                    ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copytree(os.path.join(ROOT, "adapters", "python", "tessera_client"), root / "tessera_krita" / "tessera_client",
-                    ignore=shutil.ignore_patterns("__pycache__"))
-    return root
+    """pykrita after `tessera install`: Krita loads the installed copy (tessera_krita.desktop,
+    tessera_krita/ with the client inside)."""
+    return installed(tmp_path_factory.mktemp("krita-user"))["pykrita"]
 
 
 def as_rgba_float(raw, depth, model, w, h):

@@ -47,6 +47,8 @@ pub struct Client {
     events: mpsc::Receiver<Result<Event, ClientError>>,
     next_id: u64,
     pub plugins: Vec<PluginInfo>,
+    /// The daemon's name and version, as its `welcome` says.
+    pub daemon: String,
 }
 
 /// A buffer mapped into this process.
@@ -78,10 +80,10 @@ impl Client {
                 return;
             }
         });
-        let mut client = Client { writer: stream, events, next_id: 1, plugins: Vec::new() };
+        let mut client = Client { writer: stream, events, next_id: 1, plugins: Vec::new(), daemon: String::new() };
         let id = client.send(|id| Request::Hello { id, protocol: PROTOCOL_VERSION, client: format!("tessera-cli/{}", env!("CARGO_PKG_VERSION")), token: None })?;
         match client.reply(id)? {
-            Event::Welcome { plugins, .. } => client.plugins = plugins,
+            Event::Welcome { plugins, daemon, .. } => (client.plugins, client.daemon) = (plugins, daemon),
             other => return Err(ClientError::Unexpected(format!("{other:?}"))),
         }
         Ok(client)
@@ -145,6 +147,15 @@ impl Client {
     pub fn cancel(&mut self, job: u64) -> Result<(), ClientError> {
         self.send(|id| Request::Cancel { id, job })?;
         Ok(())
+    }
+
+    /// The daemon's workers: their devices, states and restarts.
+    pub fn workers(&mut self) -> Result<Vec<tessera_protocol::WorkerInfo>, ClientError> {
+        let id = self.send(|id| Request::List { id })?;
+        match self.reply(id)? {
+            Event::Listing { workers, .. } => Ok(workers),
+            other => Err(ClientError::Unexpected(format!("{other:?}"))),
+        }
     }
 
     pub fn release(&mut self, buffer: &str) -> Result<(), ClientError> {

@@ -4,8 +4,10 @@
 pub mod buffers;
 pub mod client;
 pub mod daemon;
+pub mod doctor;
 pub mod icc;
 pub mod image_io;
+pub mod install;
 pub mod ipc;
 pub mod models;
 pub mod ora;

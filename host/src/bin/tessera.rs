@@ -55,6 +55,34 @@ enum Command {
         #[command(subcommand)]
         action: Option<ModelsAction>,
     },
+    /// Install tesserad, this CLI and the engines into a prefix, the GIMP 3 plug-in into every
+    /// GIMP 3 profile and the Krita plugin (enabled) for Krita 5 and 6; then fetch the default
+    /// model. Installing again replaces the previous install.
+    Install {
+        /// Where the programs go [default: ~/.local/share/tessera, where the adapters look].
+        #[arg(long)]
+        prefix: Option<PathBuf>,
+        /// Also install and start a systemd user unit for tesserad.
+        #[arg(long)]
+        service: bool,
+        /// Do not fetch the default model.
+        #[arg(long)]
+        no_model: bool,
+    },
+    /// Remove everything `tessera install` put in place (the models only with --models).
+    Uninstall {
+        #[arg(long)]
+        prefix: Option<PathBuf>,
+        /// Also remove the installed models from the store.
+        #[arg(long)]
+        models: bool,
+    },
+    /// Check the install, the editors, the daemon, the models and the devices; say how to fix
+    /// each problem. Exits non-zero when something is broken.
+    Doctor {
+        #[arg(long)]
+        prefix: Option<PathBuf>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -69,6 +97,10 @@ enum ModelsAction {
         #[arg(long, value_enum, default_value_t = FetchFrom::Any)]
         from: FetchFrom,
     },
+    /// Check installed models against their manifests (every file's SHA-256): one, or all.
+    Verify { id: Option<String> },
+    /// Remove an installed model from the store.
+    Remove { id: String },
     /// Install an official release file you already have (e.g. RealESRGAN_x4plus.pth),
     /// recognised by its SHA-256; or, as `import pisa --base DIR --checkpoint FILE`, PiSA-SR
     /// from a Stable Diffusion 2.1-base folder (diffusers layout) and its `pisa_sr.pkl`.
@@ -105,7 +137,7 @@ impl From<FetchFrom> for models::fetch::Origin {
 }
 
 /// Preferred default models, best first; the first one installed is used.
-const DEFAULT_MODELS: &[&str] = &["srgan-pair", "classic"];
+const DEFAULT_MODELS: &[&str] = &[models::catalog::DEFAULT, "classic"];
 
 fn main() {
     tessera_host::init_logging("warn");
@@ -180,6 +212,64 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 bail!("no model `{id}` in the catalog (known: {})", known.join(", "));
             };
             models::fetch::fetch(entry, &models::store::store_dir(), from.into(), &|line| eprintln!("{line}"))?;
+            Ok(())
+        }
+        Command::Models { action: Some(ModelsAction::Verify { id }) } => {
+            let store = models::store::store_dir();
+            let ids = match id {
+                Some(id) => vec![id],
+                None => models::store::installed(&store),
+            };
+            if ids.is_empty() {
+                println!("no models installed in {}", store.display());
+            }
+            let mut bad = 0;
+            for id in &ids {
+                match models::store::verify(&store, id) {
+                    Ok(m) => println!("{id}: ok ({} file(s))", m.files.len()),
+                    Err(e) => {
+                        bad += 1;
+                        println!("{id}: {e}; {}", models::repair_command(id));
+                    }
+                }
+            }
+            if bad > 0 {
+                bail!("{bad} model(s) failed verification");
+            }
+            Ok(())
+        }
+        Command::Models { action: Some(ModelsAction::Remove { id }) } => {
+            let store = models::store::store_dir();
+            models::store::remove(&store, &id)?;
+            eprintln!("removed {id} from {}", store.display());
+            Ok(())
+        }
+        Command::Install { prefix, service, no_model } => {
+            let exe = std::env::current_exe()?;
+            let sources = tessera_host::install::Sources::beside(&exe)?;
+            let places = tessera_host::install::Places::for_user(prefix);
+            tessera_host::install::install(&sources, &places, service, &|l| eprintln!("{l}"))?;
+            if !no_model {
+                let entry = models::catalog::find(models::catalog::DEFAULT).expect("the default model is in the catalog");
+                models::fetch::fetch(entry, &models::store::store_dir(), models::fetch::Origin::Any, &|l| eprintln!("{l}"))?;
+            }
+            let bin = places.prefix.join("bin");
+            eprintln!("done; `tessera doctor` checks it all. Add {} to PATH to run `tessera` from anywhere.", bin.display());
+            Ok(())
+        }
+        Command::Uninstall { prefix, models: with_models } => {
+            let places = tessera_host::install::Places::for_user(prefix);
+            let store = models::store::store_dir();
+            tessera_host::install::uninstall(&places, with_models.then_some(store.as_path()), &|l| eprintln!("{l}"))?;
+            Ok(())
+        }
+        Command::Doctor { prefix } => {
+            let places = tessera_host::install::Places::for_user(prefix);
+            let report = tessera_host::doctor::diagnose(&places, &models::store::store_dir(), &socket);
+            print!("{}", report.render());
+            if report.problems() > 0 {
+                std::process::exit(1);
+            }
             Ok(())
         }
         Command::Upscale { input, output, scale, model, params, png_dir } => {

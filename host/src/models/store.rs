@@ -113,19 +113,71 @@ pub fn install(store: &Path, id: &str, source: &str, licence: &str, files: &[(St
     fs::create_dir_all(store)?;
     let tmp = store.join(format!(".{id}.installing-{}", std::process::id()));
     let _ = fs::remove_dir_all(&tmp);
-    fs::create_dir_all(&tmp)?;
+    let written = write_model(&tmp, id, source, licence, files);
+    let manifest = match written {
+        Ok(m) => m,
+        Err(e) => {
+            // A full disk or a failed write leaves the store as it was.
+            let _ = fs::remove_dir_all(&tmp);
+            return Err(e);
+        }
+    };
+    let dir = model_dir(store, id);
+    // The old copy steps aside before the new one takes its name, so the id always names a
+    // whole model: the old one or the new one.
+    let old = store.join(format!(".{id}.replaced-{}", std::process::id()));
+    let had_old = dir.exists();
+    if had_old {
+        fs::rename(&dir, &old)?;
+    }
+    if let Err(e) = fs::rename(&tmp, &dir) {
+        if had_old {
+            let _ = fs::rename(&old, &dir);
+        }
+        let _ = fs::remove_dir_all(&tmp);
+        return Err(e.into());
+    }
+    if had_old {
+        let _ = fs::remove_dir_all(&old);
+    }
+    Ok(manifest)
+}
+
+fn write_model(tmp: &Path, id: &str, source: &str, licence: &str, files: &[(String, Vec<u8>)]) -> Result<Manifest, StoreError> {
+    fs::create_dir_all(tmp)?;
     let mut manifest = Manifest { id: id.into(), source: source.into(), licence: licence.into(), files: BTreeMap::new() };
     for (name, bytes) in files {
         fs::write(tmp.join(name), bytes)?;
         manifest.files.insert(name.clone(), FileEntry { sha256: sha256_hex(bytes), size: bytes.len() as u64 });
     }
     fs::write(tmp.join("manifest.json"), serde_json::to_string_pretty(&manifest).expect("manifest serialises"))?;
-    let dir = model_dir(store, id);
-    if dir.exists() {
-        fs::remove_dir_all(&dir)?;
-    }
-    fs::rename(&tmp, &dir)?;
     Ok(manifest)
+}
+
+/// The ids of the models in the store (folders with a manifest), sorted.
+pub fn installed(store: &Path) -> Vec<String> {
+    let mut ids: Vec<String> = fs::read_dir(store)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| e.path().join("manifest.json").is_file())
+        .filter_map(|e| e.file_name().to_str().map(String::from))
+        .filter(|id| !id.starts_with('.'))
+        .collect();
+    ids.sort();
+    ids
+}
+
+/// Removes model `id` from the store (renamed aside first, so no half-removed model is seen).
+pub fn remove(store: &Path, id: &str) -> Result<(), StoreError> {
+    let dir = model_dir(store, id);
+    if !dir.join("manifest.json").is_file() {
+        return Err(StoreError::Missing { id: id.into(), path: dir.join("manifest.json") });
+    }
+    let aside = store.join(format!(".{id}.removing-{}", std::process::id()));
+    fs::rename(&dir, &aside)?;
+    fs::remove_dir_all(&aside)?;
+    Ok(())
 }
 
 #[cfg(test)]
