@@ -177,3 +177,75 @@ def test_real_esrgan_tensors_are_fp16_as_published(store):
     assert len(header) == 2 * (6 + 23 * 15)
     assert header["body.22.rdb3.conv5.weight"] == {**header["body.22.rdb3.conv5.weight"], "dtype": "F16", "shape": [64, 192, 3, 3]}
     assert header["conv_last.bias"]["dtype"] == "F32" and header["conv_last.bias"]["shape"] == [3]
+
+
+class FlakyMirror(object):
+    """A release mirror on loopback (TESSERA_FETCH_MIRROR) serving `body` under any name: the
+    first connection is dropped after `cut` bytes, later ones honour Range requests. It
+    records each request's Range header."""
+
+    def __init__(self, body, cut):
+        import http.server
+        import threading
+        self.ranges = []
+        mirror = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                rng = self.headers.get("Range")
+                mirror.ranges.append(rng)
+                start = int(rng.split("=")[1].rstrip("-")) if rng else 0
+                self.send_response(206 if start else 200)
+                self.send_header("Content-Length", str(len(body) - start))
+                if start:
+                    self.send_header("Content-Range", "bytes %d-%d/%d" % (start, len(body) - 1, len(body)))
+                self.end_headers()
+                end = cut if len(mirror.ranges) == 1 else len(body)
+                self.wfile.write(body[start:end])
+                self.wfile.flush()
+                self.close_connection = True
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = "http://127.0.0.1:%d/releases" % self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+ANIME_PTH_SIZE = 17938799  # RealESRGAN_x4plus_anime_6B.pth, pinned in host/src/models/catalog.rs
+
+
+def test_a_dropped_release_download_resumes_and_a_wrong_file_is_rejected(tmp_path):
+    """Through the real CLI and curl: the mirror drops the connection at a third, the fetch
+    resumes from there (a range request), and since the file is not the pinned one (the real
+    release cannot be downloaded here), it is rejected: nothing installed, nothing left."""
+    body = np.random.default_rng(3).integers(0, 256, ANIME_PTH_SIZE, dtype=np.uint8).tobytes()
+    mirror = FlakyMirror(body, cut=ANIME_PTH_SIZE // 3)
+    store = tmp_path / "models"
+    try:
+        env = dict(os.environ, TESSERA_MODEL_DIR=str(store), TESSERA_FETCH_MIRROR=mirror.url)
+        r = tessera(env, "models", "fetch", "realesrgan-x4plus-anime", "--from", "upstream")
+    finally:
+        mirror.close()
+    assert r.returncode == 1
+    assert mirror.ranges == [None, "bytes=%d-" % (ANIME_PTH_SIZE // 3)], mirror.ranges
+    assert "resuming at 6.0 of 17.9 MB" in r.stderr, r.stderr
+    assert "RealESRGAN_x4plus_anime_6B.pth is not the pinned file: SHA-256" in r.stderr
+    assert not (store / "realesrgan-x4plus-anime").exists()
+    assert [p for p in os.listdir(store) if p != ".partial"] == [] and os.listdir(store / ".partial") == []
+
+
+def test_an_unwritable_store_is_a_clear_error_before_any_download(tmp_path):
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file where the store should be")
+    store = blocker / "models"
+    r = tessera(dict(os.environ, TESSERA_MODEL_DIR=str(store)), "models", "fetch", "srgan-pair")
+    assert r.returncode == 1
+    assert "cannot write the model store %s" % store in r.stderr and "TESSERA_MODEL_DIR" in r.stderr, r.stderr
+    assert "downloading" not in r.stderr
+    assert blocker.read_text() == "a file where the store should be"

