@@ -29,9 +29,47 @@ pub enum ReadError {
 
 /// Every tensor of a torch.save file (under `key` of its top-level dict, if given), after
 /// [`check`]; a panic of candle's reader is a [`ReadError::Damaged`].
+///
+/// The tensors are read through one open archive: candle's `read_all_with_key` opens the file
+/// and parses the zip directory again for every tensor, quadratic in their number (a PiSA-SR
+/// checkpoint has over a thousand).
 pub fn read(path: &Path, key: Option<&str>) -> Result<Vec<(String, Tensor)>, ReadError> {
     check(path).map_err(ReadError::Damaged)?;
-    guarded(|| candle_core::pickle::read_all_with_key(path, key)).map_err(ReadError::Damaged)?.map_err(|e| ReadError::Refused(e.to_string()))
+    let refused = |e: String| ReadError::Refused(e);
+    let infos = guarded(|| candle_core::pickle::read_pth_tensor_info(path, false, key)).map_err(ReadError::Damaged)?.map_err(|e| refused(e.to_string()))?;
+    let file = File::open(path).map_err(|e| refused(e.to_string()))?;
+    let mut zip = zip::ZipArchive::new(std::io::BufReader::new(file)).map_err(|e| refused(e.to_string()))?;
+    let mut out = Vec::with_capacity(infos.len());
+    for info in infos {
+        let tensor = guarded(|| tensor(&mut zip, &info)).map_err(ReadError::Damaged)?.map_err(|e| refused(format!("tensor `{}`: {e}", info.name)))?;
+        out.push((info.name, tensor));
+    }
+    Ok(out)
+}
+
+/// One tensor from its storage entry, as candle's reader does it: contiguous, or Fortran-
+/// contiguous (read reversed, then permuted back).
+fn tensor<R: Read + std::io::Seek>(zip: &mut zip::ZipArchive<R>, info: &candle_core::pickle::TensorInfo) -> Result<Tensor, String> {
+    let layout = &info.layout;
+    let fortran = layout.is_fortran_contiguous();
+    if !layout.is_contiguous() && !fortran {
+        return Err(format!("it is stored with strides {:?}, which are not supported", layout.stride()));
+    }
+    let mut entry = zip.by_name(&info.path).map_err(|e| format!("its storage `{}`: {e}", info.path))?;
+    std::io::copy(&mut (&mut entry).take(layout.start_offset() as u64), &mut std::io::sink()).map_err(|e| e.to_string())?;
+    let bytes_len = layout.shape().elem_count() * info.dtype.size_in_bytes();
+    let mut bytes = Vec::with_capacity(bytes_len);
+    (&mut entry).take(bytes_len as u64).read_to_end(&mut bytes).map_err(|e| e.to_string())?;
+    if bytes.len() != bytes_len {
+        return Err(format!("its storage `{}` ends after {} of {bytes_len} bytes", info.path, bytes.len()));
+    }
+    let dims = layout.dims();
+    if dims.len() > 1 && fortran {
+        let reversed: Vec<usize> = dims.iter().rev().copied().collect();
+        let t = Tensor::from_raw_buffer(&bytes, info.dtype, &reversed, &candle_core::Device::Cpu).map_err(|e| e.to_string())?;
+        return t.permute((0..dims.len()).rev().collect::<Vec<_>>()).map_err(|e| e.to_string());
+    }
+    Tensor::from_raw_buffer(&bytes, info.dtype, dims, &candle_core::Device::Cpu).map_err(|e| e.to_string())
 }
 
 /// Runs one of candle's pickle readers, its panics turned into an error.
