@@ -278,6 +278,36 @@ def test_a_second_daemon_refuses_and_the_first_goes_on(daemon):
         assert layer.buffer.layout["width"] == 8
 
 
+def test_of_two_daemons_started_at_the_same_instant_one_serves(tmp_path):
+    """Two editors starting their daemon together: one runs, the other refuses before it
+    touches the socket or the buffers, every time."""
+    import subprocess
+    from harness import exe
+    for round_ in range(10):
+        rt = tmp_path / ("rt%d" % round_)
+        os.makedirs(rt)
+        env = dict(os.environ, TESSERA_RUNTIME_DIR=str(rt))
+        env.pop("TESSERA_SOCKET", None)
+        procs = [subprocess.Popen([exe("tesserad")], env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True) for _ in range(2)]
+        deadline = time.time() + 20
+        while sum(p.poll() is not None for p in procs) < 1 and time.time() < deadline:
+            time.sleep(0.02)
+        time.sleep(0.3)
+        running = [p for p in procs if p.poll() is None]
+        refused = [p for p in procs if p.poll() is not None]
+        assert len(running) == 1 and len(refused) == 1, [p.poll() for p in procs]
+        err = refused[0].stderr.read()
+        assert refused[0].returncode != 0 and "already running on" in err, err
+        from tessera_client import Client
+        with Client.connect(socket=str(rt / "tesserad.sock"), autostart=False) as c:
+            buf = c.alloc(4, 4, 3)
+            (layer,) = c.submit("classic", 2, buf).wait(timeout=30)
+            assert layer.buffer.layout["width"] == 8
+        running[0].send_signal(signal.SIGTERM)
+        assert running[0].wait(timeout=20) == 0
+
+
 def test_python_client_starts_the_daemon(tmp_path, monkeypatch):
     import socket as socketlib
     import struct

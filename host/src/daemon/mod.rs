@@ -209,6 +209,25 @@ impl Shared {
     }
 }
 
+fn lock_runtime(config: &Config) -> anyhow::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    use std::os::unix::io::AsRawFd;
+    let name = format!("{}.lock", config.socket.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "tesserad".into()));
+    let path = config.socket.with_file_name(name);
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o600)
+        .open(&path)
+        .with_context(|| format!("cannot open the lock file {}", path.display()))?;
+    // SAFETY: flock on a file descriptor we own.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        bail!("tesserad is already running on {} (another one holds {})", config.socket.display(), path.display());
+    }
+    Ok(file)
+}
+
 /// Runs tesserad until SIGTERM/SIGINT: then jobs are cancelled, workers stopped, and the
 /// socket and every buffer file removed.
 pub fn run(config: Config) -> anyhow::Result<()> {
@@ -217,6 +236,10 @@ pub fn run(config: Config) -> anyhow::Result<()> {
     if let Some(parent) = config.socket.parent() {
         paths::private_dir(parent)?;
     }
+    // Held until this process ends (the kernel lets go of it even after SIGKILL): of two
+    // daemons started at the same instant (two editors starting theirs), one runs and the
+    // other refuses before it touches the socket or the buffer directory.
+    let _lock = lock_runtime(&config)?;
     if config.socket.exists() {
         if UnixStream::connect(&config.socket).is_ok() {
             bail!("tesserad is already running on {}", config.socket.display());
