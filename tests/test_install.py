@@ -232,3 +232,15 @@ def test_the_debian_package_holds_the_same_tree_and_its_tessera_installs(tmp_pat
 
 def installed_kritarc_enabled(home):
     return "enable_tessera_krita=true" in (home / ".config" / "kritarc").read_text()
+
+
+def test_the_service_unit_is_installed_and_removed(tmp_path):
+    home = a_users_home(tmp_path)
+    before = tree(home)
+    got = installed(home, "--service")
+    unit = home / ".config" / "systemd" / "user" / "tesserad.service"
+    text = unit.read_text()
+    assert "ExecStart=%s" % os.path.join(got["prefix"], "bin", "tesserad") in text and "WantedBy=default.target" in text
+    r = tessera(home, "uninstall")
+    assert r.returncode == 0, r.stderr
+    assert not unit.exists() and tree(home) == before

@@ -210,6 +210,9 @@ pub fn install(src: &Sources, places: &Places, service: bool, say: &dyn Fn(&str)
     copy_owned_tree(&client, &plugin_dir.join("tessera_client"), &mut rec)?;
     kritarc_set(&places.kritarc, KRITA_PLUGIN, true)?;
     say(&format!("installed the Krita plugin into {} and enabled it in {}", places.pykrita.display(), places.kritarc.display()));
+    if process_running("krita") {
+        say("Krita is running: it rewrites kritarc when it quits, which may disable the plugin again; quit Krita, then run `tessera install` once more (or check with `tessera doctor`)");
+    }
 
     if service {
         let unit = places.systemd_user.join(SERVICE);
@@ -248,6 +251,9 @@ fn remove_installed(rec: &Record, all: bool, say: &dyn Fn(&str)) -> Result<(), I
         if let Some(unit) = &rec.service {
             systemctl(&["disable", "--now", SERVICE], say);
             remove_if_exists(unit)?;
+            if let Some(config) = unit.ancestors().nth(3) {
+                prune_empty(unit.parent().unwrap_or(config), config); // systemd/user, if we made it
+            }
             systemctl(&["daemon-reload"], say);
         }
         kritarc_set(&rec.kritarc, KRITA_PLUGIN, false)?;
@@ -374,6 +380,16 @@ fn systemctl(args: &[&str], say: &dyn Fn(&str)) {
         Ok(out) => say(&format!("systemctl --user {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim())),
         Err(e) => say(&format!("systemctl --user {}: cannot run it ({e}); the unit is in place for when systemd runs", args.join(" "))),
     }
+}
+
+/// Whether a process of this user named `name` runs (from /proc; false where there is none).
+fn process_running(name: &str) -> bool {
+    let uid = crate::paths::uid();
+    fs::read_dir("/proc").into_iter().flatten().flatten().any(|e| {
+        let dir = e.path();
+        let ours = fs::metadata(&dir).is_ok_and(|m| std::os::unix::fs::MetadataExt::uid(&m) == uid);
+        ours && fs::read_to_string(dir.join("comm")).is_ok_and(|c| c.trim() == name)
+    })
 }
 
 /// `[python] enable_NAME` in a kritarc: `Some(true/false)` as written, `None` when absent.

@@ -166,6 +166,12 @@ pub fn download_pinned(url: &str, m: &Member, partial_dir: &Path, say: &dyn Fn(&
                 last = None;
                 break;
             }
+            Err((Some(23), _)) => {
+                return Err(FetchError::StoreUnwritable {
+                    path: partial_dir.to_path_buf(),
+                    why: format!("curl could not write the download there (is the disk full? {:.0} MB are needed)", m.size as f64 / 1e6),
+                });
+            }
             Err((code, e)) => {
                 // 33: the server cannot resume; start over. Any other failure that made
                 // progress (a dropped connection: 18, 56, …) is resumed; one that did not ends it.
