@@ -10,6 +10,7 @@ import os
 import shutil
 import stat
 import subprocess
+import sys
 
 import pytest
 
@@ -244,3 +245,23 @@ def test_the_service_unit_is_installed_and_removed(tmp_path):
     r = tessera(home, "uninstall")
     assert r.returncode == 0, r.stderr
     assert not unit.exists() and tree(home) == before
+
+
+def test_adapters_find_the_daemon_of_an_install_to_another_prefix(tmp_path):
+    """--prefix elsewhere (relative, as typed): each adapter's copy of the client starts the
+    tesserad of that install, with nothing on PATH and no TESSERA_BIN_DIR."""
+    home = a_users_home(tmp_path)
+    r = subprocess.run([exe("tessera"), "install", "--no-model", "--prefix", "opt/tessera"], cwd=str(tmp_path),
+                       env=user_env(home), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    prefix = tmp_path / "opt" / "tessera"
+    probe = "import sys; sys.path.insert(0, sys.argv[1]); from tessera_client import paths; print(paths.find_daemon())"
+    for client_parent in (home / ".config" / "GIMP" / "3.0" / "plug-ins" / "tessera-upscale",
+                          home / ".local" / "share" / "krita" / "pykrita" / "tessera_krita",
+                          prefix / "python"):
+        out = subprocess.run([sys.executable, "-c", probe, str(client_parent)], env=user_env(home, {"PATH": "/nonexistent"}),
+                             capture_output=True, text=True, timeout=60)
+        assert out.stdout.strip() == str(prefix / "bin" / "tesserad"), out.stdout + out.stderr
+    r = tessera(home, "uninstall", "--prefix", str(prefix))
+    assert r.returncode == 0, r.stderr
+    assert not prefix.exists()

@@ -111,6 +111,8 @@ impl Places {
         if gimp_profiles.is_empty() {
             gimp_profiles.push(config.join("GIMP/3.0"));
         }
+        // Recorded paths must not depend on where the command ran.
+        let prefix = prefix.map(|p| if p.is_absolute() { p } else { std::env::current_dir().unwrap_or_default().join(p) });
         Places {
             prefix: prefix.unwrap_or_else(crate::paths::data_dir),
             gimp_profiles,
@@ -191,7 +193,8 @@ pub fn install(src: &Sources, places: &Places, service: bool, say: &dyn Fn(&str)
         copy_file(lib, &prefix.join("lib/tessera/plugins").join(lib.file_name().unwrap()), 0o644, &mut rec)?;
     }
     let client = src.adapters.join("python/tessera_client");
-    copy_owned_tree(&client, &prefix.join("python/tessera_client"), &mut rec)?;
+    let bin_dir = prefix.join("bin");
+    copy_client(&client, &prefix.join("python/tessera_client"), &bin_dir, &mut rec)?;
     say(&format!("installed tesserad, tessera and {} engine(s) into {}", src.plugins.len(), prefix.display()));
 
     for profile in &places.gimp_profiles {
@@ -199,7 +202,7 @@ pub fn install(src: &Sources, places: &Places, service: bool, say: &dyn Fn(&str)
         copy_owned_tree(&src.adapters.join("gimp").join(GIMP_PLUGIN), &dir, &mut rec)?;
         let script = dir.join(format!("{GIMP_PLUGIN}.py"));
         set_mode(&script, 0o755)?;
-        copy_owned_tree(&client, &dir.join("tessera_client"), &mut rec)?;
+        copy_client(&client, &dir.join("tessera_client"), &bin_dir, &mut rec)?;
         say(&format!("installed the GIMP 3 plug-in into {} (Filters → Enhance → Tessera)", dir.display()));
     }
 
@@ -207,7 +210,7 @@ pub fn install(src: &Sources, places: &Places, service: bool, say: &dyn Fn(&str)
     copy_file(&krita_src.join(format!("{KRITA_PLUGIN}.desktop")), &places.pykrita.join(format!("{KRITA_PLUGIN}.desktop")), 0o644, &mut rec)?;
     let plugin_dir = places.pykrita.join(KRITA_PLUGIN);
     copy_owned_tree(&krita_src.join(KRITA_PLUGIN), &plugin_dir, &mut rec)?;
-    copy_owned_tree(&client, &plugin_dir.join("tessera_client"), &mut rec)?;
+    copy_client(&client, &plugin_dir.join("tessera_client"), &bin_dir, &mut rec)?;
     kritarc_set(&places.kritarc, KRITA_PLUGIN, true)?;
     say(&format!("installed the Krita plugin into {} and enabled it in {}", places.pykrita.display(), places.kritarc.display()));
     if process_running("krita") {
@@ -328,6 +331,14 @@ fn write_file(dest: &Path, bytes: &[u8], mode: u32, rec: &mut Record) -> Result<
 fn copy_file(src: &Path, dest: &Path, mode: u32, rec: &mut Record) -> Result<(), InstallError> {
     let bytes = fs::read(src).map_err(io_err("cannot read", src))?;
     write_file(dest, &bytes, mode, rec)
+}
+
+/// A copy of the Python client, told where this install's tesserad is (the adapters start it
+/// on demand, and the prefix need not be the default one they also look in).
+fn copy_client(client: &Path, dest: &Path, bin_dir: &Path, rec: &mut Record) -> Result<(), InstallError> {
+    copy_owned_tree(client, dest, rec)?;
+    let marker = dest.join("installed_bin_dir");
+    fs::write(&marker, format!("{}\n", bin_dir.display())).map_err(io_err("cannot write", &marker))
 }
 
 /// Copies a source folder (no `__pycache__`) to `dest`, which becomes Tessera's alone.

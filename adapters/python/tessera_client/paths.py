@@ -102,8 +102,25 @@ def daemon_search_dirs() -> List[str]:
     bin_dir = _env("TESSERA_BIN_DIR")
     if bin_dir:
         dirs.append(bin_dir)
+    installed = _installed_bin_dir()
+    if installed:
+        dirs.append(installed)
     dirs.append(os.path.join(data_dir(), "bin"))
     return dirs
+
+
+# `tessera install` writes this beside each copy of the client it puts in place: the bin folder
+# of the prefix it installed into (which need not be the default one).
+INSTALLED_BIN_DIR_FILE = "installed_bin_dir"
+
+
+def _installed_bin_dir() -> Optional[str]:
+    try:
+        with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), INSTALLED_BIN_DIR_FILE), encoding="utf-8") as f:
+            path = f.read().strip()
+    except OSError:
+        return None
+    return path or None
 
 
 def _is_executable(path: str) -> bool:
@@ -111,7 +128,8 @@ def _is_executable(path: str) -> bool:
 
 
 def find_daemon() -> str:
-    """The path of the ``tesserad`` executable: in ``$TESSERA_BIN_DIR``, then in
+    """The path of the ``tesserad`` executable: in ``$TESSERA_BIN_DIR``, then in the prefix
+    ``tessera install`` put this copy of the client beside, then in
     ``<$XDG_DATA_HOME or ~/.local/share>/tessera/bin``, then on ``PATH``.
 
     Raises :class:`DaemonNotFound` naming the places searched.
@@ -125,11 +143,9 @@ def find_daemon() -> str:
     if found:
         return found
     bin_dir = _env("TESSERA_BIN_DIR")
-    places = [
-        "$TESSERA_BIN_DIR (%s)" % (bin_dir if bin_dir else "not set"),
-        os.path.join(data_dir(), "bin"),
-        "the folders on PATH",
-    ]
+    places = (["$TESSERA_BIN_DIR (%s)" % (bin_dir if bin_dir else "not set")]
+              + [d for d in daemon_search_dirs() if d != bin_dir]
+              + ["the folders on PATH"])
     raise DaemonNotFound(
         "daemon_not_found",
         "could not find the Tessera daemon `%s`; looked in %s" % (name, ", ".join(places)),
