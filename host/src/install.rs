@@ -164,10 +164,6 @@ impl Record {
             Err(e) => Err(InstallError::Io { what: "cannot read", path: path.into(), why: e }),
         }
     }
-
-    pub fn tesserad(&self) -> Option<&Path> {
-        self.files.iter().map(|(p, _)| p.as_path()).find(|p| p.file_name().is_some_and(|n| n == "tesserad"))
-    }
 }
 
 /// Copies everything into `places`, replacing the previous install (its files first, so that

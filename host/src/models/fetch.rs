@@ -253,16 +253,21 @@ fn check(what: &str, bytes: &[u8], size: u64, sha256: &str) -> Result<(), FetchE
     Ok(())
 }
 
+/// `$TESSERA_CURL` (a command line), else `curl`.
+fn curl_command() -> Vec<String> {
+    match std::env::var("TESSERA_CURL") {
+        Ok(custom) => custom.split_whitespace().map(String::from).collect(),
+        Err(_) => vec!["curl".into()],
+    }
+}
+
 /// Downloads with `$TESSERA_CURL` (a command line) or `curl`, which every current Linux, macOS
 /// and Windows ships, and which honours the user's proxy settings. Its progress bar goes to
 /// the user's terminal.
 /// With `resume`, appends to `dest` from its current length (an HTTP range request). A
 /// failure comes with curl's exit code, where it ran.
 fn curl_download(url: &str, size: u64, dest: &Path, resume: bool) -> Result<(), (Option<i32>, FetchError)> {
-    let cmd: Vec<String> = match std::env::var("TESSERA_CURL") {
-        Ok(custom) => custom.split_whitespace().map(String::from).collect(),
-        Err(_) => vec!["curl".into()],
-    };
+    let cmd = curl_command();
     let fail = |why: String| FetchError::Download { url: url.into(), why };
     let program = cmd.first().ok_or_else(|| (None, fail("TESSERA_CURL is empty".into())))?;
     let status = Command::new(program)
@@ -358,10 +363,7 @@ fn pip_index() -> String {
 fn wheel_url(w: &Wheel) -> Result<String, String> {
     let normalized: String = w.package.to_lowercase().split(['-', '_', '.']).filter(|p| !p.is_empty()).collect::<Vec<_>>().join("-");
     let page_url = format!("{}/{normalized}/", pip_index().trim_end_matches('/'));
-    let cmd: Vec<String> = match std::env::var("TESSERA_CURL") {
-        Ok(custom) => custom.split_whitespace().map(String::from).collect(),
-        Err(_) => vec!["curl".into()],
-    };
+    let cmd = curl_command();
     let program = cmd.first().ok_or("TESSERA_CURL is empty")?;
     let out = Command::new(program)
         .args(&cmd[1..])
