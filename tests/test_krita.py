@@ -241,8 +241,9 @@ def test_krita_closing_mid_job_cancels_it(variant, tmp_path, plugin_dir, store):
             time.sleep(0.1)
         idle_after = time.monotonic() - t0
         log = open(d.log_path).read()
-    # A 512² Real-ESRGAN job takes half a minute here; cancelled, the worker is free within a tile.
-    assert idle_after < 10, idle_after
+    # A 512² Real-ESRGAN job takes half a minute on an idle 2-core machine (more beside other
+    # work); cancelled, the worker is free within a tile, a few seconds even under load.
+    assert idle_after < 20, idle_after
     assert "was cancelled" in log
 
 

@@ -157,7 +157,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 let state = match models::store::verify(&store, e.id) {
                     Ok(_) => "installed".to_string(),
                     Err(models::store::StoreError::Missing { .. }) => format!("not installed: tessera models fetch {}", e.id),
-                    Err(err) => format!("{err}; run tessera models fetch {} again", e.id),
+                    Err(err) => format!("{err}; repair: {}", models::repair_command(e.id)),
                 };
                 println!("  {:<24} [{state}]  {}", e.id, e.summary);
             }
@@ -170,7 +170,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             for id in pisa {
                 let state = match models::store::verify(&store, &id) {
                     Ok(m) => format!("installed: {}", m.source),
-                    Err(err) => format!("{err}; import it again"),
+                    Err(err) => format!("{err}; repair: {}", models::repair_command(&id)),
                 };
                 println!("  {id:<24} [{state}]  PiSA-SR one-step diffusion ×4, pixel and semantic LoRA");
             }
@@ -229,7 +229,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     Ok(m) => println!("{id}: ok ({} file(s))", m.files.len()),
                     Err(e) => {
                         bad += 1;
-                        println!("{id}: {e}; {}", models::repair_command(id));
+                        println!("{id}: {e}; repair: {}", models::repair_command(id));
                     }
                 }
             }

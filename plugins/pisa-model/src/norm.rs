@@ -178,6 +178,10 @@ struct State {
     /// End the forward after gathering this barrier.
     stop_after: Option<usize>,
     gathered: Barriers,
+    /// Whether the pass gathers the mid-block attention's keys and values (only where the
+    /// whole image's will be attended over: they are the size of the latent image × 2 × 512
+    /// channels, 1 GiB at 4096², which must not grow with the layer otherwise).
+    gather_kv: bool,
     call: usize,
     core: Option<Core>,
 }
@@ -185,10 +189,11 @@ struct State {
 impl SharedNorm {
     /// A pass that uses what is `known` and gathers every barrier from `gather_from` on,
     /// ending each tile's forward after barrier `stop_after` (the forward then fails with an
-    /// error [`is_stop`] recognises).
-    pub fn new(known: Barriers, gather_from: Option<usize>, stop_after: Option<usize>) -> Arc<SharedNorm> {
+    /// error [`is_stop`] recognises); the attention's keys and values are gathered only with
+    /// `gather_kv`.
+    pub fn new(known: Barriers, gather_from: Option<usize>, stop_after: Option<usize>, gather_kv: bool) -> Arc<SharedNorm> {
         Arc::new(SharedNorm {
-            state: Mutex::new(State { known, gather_from: gather_from.unwrap_or(usize::MAX), stop_after, gathered: Barriers::default(), call: 0, core: None }),
+            state: Mutex::new(State { known, gather_from: gather_from.unwrap_or(usize::MAX), stop_after, gathered: Barriers::default(), gather_kv, call: 0, core: None }),
         })
     }
 
@@ -250,7 +255,7 @@ impl SharedNorm {
         if tokens != ih * iw {
             candle_core::bail!("the mid-block attention runs at latent resolution: {tokens} tokens for a tile of {ih} × {iw}");
         }
-        if call >= s.gather_from {
+        if call >= s.gather_from && s.gather_kv {
             let kv = s.gathered.kv.get_or_insert_with(|| KeysValues { k: vec![0.0; gh * gw * c], v: vec![0.0; gh * gw * c], channels: c });
             let (kt, vt): (Vec<f32>, Vec<f32>) = (k.flatten_all()?.to_vec1()?, v.flatten_all()?.to_vec1()?);
             for y in core.rows.0..core.rows.1 {
@@ -304,5 +309,26 @@ mod tests {
         let merged = stats(&a).merge(stats(&b));
         let whole = stats(&all);
         assert!((merged.mean - whole.mean).abs() < 1e-12 && (merged.var - whole.var).abs() < 1e-12 && merged.count == 5.0);
+    }
+
+    /// The keys and values are the size of the latent image: a pass that will not attend
+    /// over the whole image must not gather them (at 4096² they were 1 GiB, growing with the
+    /// layer, against the budget's promise).
+    #[test]
+    fn keys_and_values_are_gathered_only_when_used() {
+        let dev = candle_core::Device::Cpu;
+        let (k, v) = (Tensor::ones((1, 16, 8), candle_core::DType::F32, &dev).unwrap(), Tensor::zeros((1, 16, 8), candle_core::DType::F32, &dev).unwrap());
+        let core = Core { input: (4, 4), rows: (0, 4), cols: (0, 4), origin: (0, 0), grid: (64, 64) };
+        for gather_kv in [false, true] {
+            let shared = SharedNorm::new(Barriers::default(), Some(0), None, gather_kv);
+            shared.begin_tile(core);
+            let (k2, _) = shared.attention_kv(&k, &v).unwrap();
+            assert_eq!(k2.dims(), k.dims(), "with nothing known, a tile attends over its own");
+            let kv = shared.gathered().kv;
+            assert_eq!(kv.is_some(), gather_kv);
+            if let Some(kv) = kv {
+                assert_eq!((kv.k.len(), kv.k.iter().sum::<f32>()), (64 * 64 * 8, 16.0 * 8.0), "the tile's 16 tokens in the whole grid's keys");
+            }
+        }
     }
 }

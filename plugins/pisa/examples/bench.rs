@@ -140,18 +140,30 @@ fn main() {
     let ctx = Ctx { winograd: !args.iter().any(|a| a == "--im2col"), ..ctx };
     println!("tiling: {tiling:?}, Winograd convolutions: {}", ctx.winograd);
     let pipe = Pipeline { model: &model, ctx, tiling };
+    let (enc_steps, unet_steps, dec_steps) = pipe.tiling.steps(&model.vae, ow, oh);
+    println!("steps: encode {enc_steps}, UNet {unet_steps}, decode {dec_steps}");
+    // Large layers take hours here: each step's time on stderr tells how far a run has got.
+    let progress = |total: usize| {
+        let (start, mut done) = (Instant::now(), 0usize);
+        move |stage: &'static str| {
+            done += 1;
+            let t = start.elapsed().as_secs_f64();
+            eprintln!("  {stage} {done}/{total} at {t:.0} s (RSS {:.0} MiB)", rss_mib("VmRSS:"));
+            Ok(())
+        }
+    };
     // The job's own peak: the high-water mark restarts from here (Linux: clear_refs 5).
     let _ = std::fs::write("/proc/self/clear_refs", "5");
     let before = rss_mib("VmRSS:");
     let t = Instant::now();
-    let z_l = pipe.encode(&bicubic, &mut |_| Ok(())).unwrap();
+    let z_l = pipe.encode(&bicubic, &mut progress(enc_steps)).unwrap();
     let encode = t.elapsed().as_secs_f64();
     let t = Instant::now();
-    let (eps_pix, eps_full) = pipe.predict(&z_l, adjustable, &mut |_| Ok(())).unwrap();
+    let (eps_pix, eps_full) = pipe.predict(&z_l, adjustable, &mut progress(unet_steps)).unwrap();
     let unet_s = t.elapsed().as_secs_f64();
     let latents = Latents { width: ow, height: oh, z_l, eps_pix, eps_full };
     let t = Instant::now();
-    let mut x = pipe.render(&latents, 1.0, 1.0, ColourFix::None, &bicubic, &mut |_| Ok(())).unwrap();
+    let mut x = pipe.render(&latents, 1.0, 1.0, ColourFix::None, &bicubic, &mut progress(dec_steps)).unwrap();
     let decode = t.elapsed().as_secs_f64();
     let x_raw = save.as_ref().map(|_| x.data.clone());
     let t = Instant::now();

@@ -76,17 +76,25 @@ impl Latents {
 /// The model's input: the bicubic image padded at the bottom and right to a multiple of 8 by
 /// repeating its last row and column, in [-1, 1], `[1, 3, H8, W8]`.
 pub fn model_input(bicubic: &Planes, device: &Device) -> candle_core::Result<Tensor> {
+    let (pw, ph) = (bicubic.width.next_multiple_of(8), bicubic.height.next_multiple_of(8));
+    model_input_box(bicubic, &Box2 { y: 0..ph / 8, x: 0..pw / 8 }, device)
+}
+
+/// The part of [`model_input`] under `latent`, a box of the latent grid (8 pixels a latent
+/// pixel): a tiled encoder makes each tile's input from the bicubic image as it goes, so no
+/// second copy of the whole image is made.
+fn model_input_box(bicubic: &Planes, latent: &Box2, device: &Device) -> candle_core::Result<Tensor> {
     let (w, h) = (bicubic.width, bicubic.height);
-    let (pw, ph) = (w.next_multiple_of(8), h.next_multiple_of(8));
-    let mut data = Vec::with_capacity(3 * pw * ph);
+    let (ys, xs) = (8 * latent.y.start..8 * latent.y.end, 8 * latent.x.start..8 * latent.x.end);
+    let mut data = Vec::with_capacity(3 * ys.len() * xs.len());
     for ch in 0..3 {
-        for y in 0..ph {
-            for x in 0..pw {
-                data.push(bicubic.at(ch, x.min(w - 1), y.min(h - 1)) * 2.0 - 1.0);
-            }
+        let plane = bicubic.plane(ch);
+        for y in ys.clone() {
+            let row = &plane[y.min(h - 1) * w..][..w];
+            data.extend(xs.clone().map(|x| row[x.min(w - 1)] * 2.0 - 1.0));
         }
     }
-    Tensor::from_vec(data, (1, 3, ph, pw), device)
+    Tensor::from_vec(data, (1, 3, ys.len(), xs.len()), device)
 }
 
 /// How the tiles of a tiled VAE come to normalise with the same statistics.
@@ -187,16 +195,17 @@ pub struct Pipeline<'a> {
 impl Pipeline<'_> {
     /// `z_L` = the posterior mean of the padded image × the VAE's scaling factor.
     pub fn encode(&self, bicubic: &Planes, tick: Tick) -> Result<Tensor, EngineError> {
-        let x = model_input(bicubic, self.model.embedding.device()).map_err(fail("encode"))?;
-        let (_, _, ph, pw) = x.dims4().map_err(fail("encode"))?;
+        let f = fail("encode");
+        let (ph, pw) = (bicubic.height.next_multiple_of(8), bicubic.width.next_multiple_of(8));
         let vae = &self.model.vae;
+        let device = self.model.embedding.device();
+        // Tiles are cut on the latent grid, so every pixel box starts at a multiple of 8 and
+        // the encoder's downsamplings line up with the untiled image's.
         let z = self.vae_tiled("encode", (ph / 8, pw / 8), self.tiling.encoder_tile, self.tiling.encoder_halo, 1, tick, &mut |core, ctx| {
-            // Tiles are cut on the latent grid, so every pixel box starts at a multiple of 8 and
-            // the encoder's downsamplings line up with the untiled image's.
-            let tile = x.narrow(2, 8 * core.y.start, 8 * core.y.len())?.narrow(3, 8 * core.x.start, 8 * core.x.len())?;
-            vae.encode_mean(&tile, ctx)
+            vae.encode_mean(&model_input_box(bicubic, core, device)?, ctx)
         })?;
-        (z * vae.config.scaling_factor).map_err(fail("encode"))
+        let (c, h, w) = (z.channels, ph / 8, pw / 8);
+        (Tensor::from_vec(z.data, (1, c, h, w), device).map_err(&f)? * vae.config.scaling_factor).map_err(f)
     }
 
     /// ε_pix and ε_full in one batch of two (`adjustable`), or ε_full alone; over windows of
@@ -282,8 +291,21 @@ impl Pipeline<'_> {
         let x = self.vae_tiled("decode", (h, w), self.tiling.decoder_tile, self.tiling.decoder_halo, 8, tick, &mut |core, ctx| {
             vae.decode(&z.narrow(2, core.y.start, core.y.len())?.narrow(3, core.x.start, core.x.len())?, ctx)
         })?;
-        let x = x.clamp(-1f32, 1f32).and_then(|x| (x * 0.5)? + 0.5).and_then(|x| x.narrow(2, 0, height)?.narrow(3, 0, width)).map_err(&f)?;
-        Ok(Planes { width, height, data: x.flatten_all().and_then(|t| t.to_vec1()).map_err(&f)? })
+        // In place: at 8192² each copy of the picture would be 768 MiB.
+        let (pw, mut data) = (8 * w, x.data);
+        let mut to = 0;
+        for ch in 0..x.channels {
+            for y in 0..height {
+                let from = (ch * 8 * h + y) * pw;
+                data.copy_within(from..from + width, to);
+                to += width;
+            }
+        }
+        data.truncate(to);
+        for v in &mut data {
+            *v = v.clamp(-1.0, 1.0) * 0.5 + 0.5;
+        }
+        Ok(Planes { width, height, data })
     }
 
     /// Runs `net` over the latent grid `h × w`, whole or in tiles of `tile` with `halo`
@@ -299,11 +321,13 @@ impl Pipeline<'_> {
         scale: usize,
         tick: Tick,
         net: &mut dyn FnMut(&Box2, &Ctx) -> candle_core::Result<Tensor>,
-    ) -> Result<Tensor, EngineError> {
+    ) -> Result<Channels, EngineError> {
         let f = fail(stage);
         let Some((ys, xs)) = Tiling::vae_cores(tile, h, w) else {
             tick(stage)?;
-            return net(&Box2 { y: 0..h, x: 0..w }, &self.ctx).map_err(f);
+            let y = net(&Box2 { y: 0..h, x: 0..w }, &self.ctx).map_err(&f)?;
+            let channels = y.dim(1).map_err(&f)?;
+            return Ok(Channels { channels, data: y.flatten_all().and_then(|t| t.to_vec1()).map_err(f)? });
         };
         let global = h * w <= self.tiling.global_attention_tokens;
         let mut known = Barriers::default();
@@ -315,7 +339,7 @@ impl Pipeline<'_> {
                 VaeNorm::Estimate(n) if pass < n => (Some(0), None),
                 VaeNorm::Estimate(_) => (None, None),
             };
-            let shared = SharedNorm::new(known.clone(), gather_from, stop_after);
+            let shared = SharedNorm::new(known.clone(), gather_from, stop_after, global);
             let ctx = Ctx { norm: Some(shared.clone()), ..self.ctx.clone() };
             let mut finished = false;
             for cy in &ys {
@@ -370,9 +394,15 @@ impl Pipeline<'_> {
                 known.kv = None;
             }
         }
-        let (c, buf) = out.expect("the last pass writes");
-        Tensor::from_vec(buf, (1, c, h * scale, w * scale), self.model.embedding.device()).map_err(f)
+        let (channels, data) = out.expect("the last pass writes");
+        Ok(Channels { channels, data })
     }
+}
+
+/// A network's output over the whole grid, channel-major, as plain memory.
+struct Channels {
+    channels: usize,
+    data: Vec<f32>,
 }
 
 /// A box of the latent grid.
