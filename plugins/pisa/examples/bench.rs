@@ -148,7 +148,7 @@ fn main() {
         move |stage: &'static str| {
             done += 1;
             let t = start.elapsed().as_secs_f64();
-            eprintln!("  {stage} {done}/{total} at {t:.0} s (RSS {:.0} MiB)", rss_mib("VmRSS:"));
+            eprintln!("  {stage} {done}/{total} at {t:.0} s (RSS {:.0} MiB, peak so far {:.0} MiB)", rss_mib("VmRSS:"), rss_mib("VmHWM:"));
             Ok(())
         }
     };
