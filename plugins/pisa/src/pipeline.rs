@@ -76,8 +76,7 @@ impl Latents {
 /// The model's input: the bicubic image padded at the bottom and right to a multiple of 8 by
 /// repeating its last row and column, in [-1, 1], `[1, 3, H8, W8]`.
 pub fn model_input(bicubic: &Planes, device: &Device) -> candle_core::Result<Tensor> {
-    let (pw, ph) = (bicubic.width.next_multiple_of(8), bicubic.height.next_multiple_of(8));
-    model_input_box(bicubic, &Box2 { y: 0..ph / 8, x: 0..pw / 8 }, device)
+    model_input_box(bicubic, &Box2 { y: 0..bicubic.height.div_ceil(8), x: 0..bicubic.width.div_ceil(8) }, device)
 }
 
 /// The part of [`model_input`] under `latent`, a box of the latent grid (8 pixels a latent
@@ -196,16 +195,15 @@ impl Pipeline<'_> {
     /// `z_L` = the posterior mean of the padded image × the VAE's scaling factor.
     pub fn encode(&self, bicubic: &Planes, tick: Tick) -> Result<Tensor, EngineError> {
         let f = fail("encode");
-        let (ph, pw) = (bicubic.height.next_multiple_of(8), bicubic.width.next_multiple_of(8));
+        let (h, w) = (bicubic.height.div_ceil(8), bicubic.width.div_ceil(8));
         let vae = &self.model.vae;
         let device = self.model.embedding.device();
         // Tiles are cut on the latent grid, so every pixel box starts at a multiple of 8 and
         // the encoder's downsamplings line up with the untiled image's.
-        let z = self.vae_tiled("encode", (ph / 8, pw / 8), self.tiling.encoder_tile, self.tiling.encoder_halo, 1, tick, &mut |core, ctx| {
+        let z = self.vae_tiled("encode", (h, w), self.tiling.encoder_tile, self.tiling.encoder_halo, 1, tick, &mut |core, ctx| {
             vae.encode_mean(&model_input_box(bicubic, core, device)?, ctx)
         })?;
-        let (c, h, w) = (z.channels, ph / 8, pw / 8);
-        (Tensor::from_vec(z.data, (1, c, h, w), device).map_err(&f)? * vae.config.scaling_factor).map_err(f)
+        (Tensor::from_vec(z.data, (1, z.channels, h, w), device).map_err(&f)? * vae.config.scaling_factor).map_err(f)
     }
 
     /// ε_pix and ε_full in one batch of two (`adjustable`), or ε_full alone; over windows of
@@ -331,7 +329,7 @@ impl Pipeline<'_> {
         };
         let global = h * w <= self.tiling.global_attention_tokens;
         let mut known = Barriers::default();
-        let mut out: Option<(usize, Vec<f32>)> = None;
+        let mut out: Option<Channels> = None;
         for pass in 0.. {
             // (gather from, stop after) for this pass; None, None makes the pixels.
             let (gather_from, stop_after) = match self.tiling.vae_norm {
@@ -364,7 +362,7 @@ impl Pipeline<'_> {
                     // The tile's own pixels into the image.
                     let (_, c, th, tw) = y.dims4().map_err(&f)?;
                     let (oh, ow) = (h * scale, w * scale);
-                    let (_, buf) = out.get_or_insert_with(|| (c, vec![0f32; c * oh * ow]));
+                    let buf = &mut out.get_or_insert_with(|| Channels { channels: c, data: vec![0f32; c * oh * ow] }).data;
                     let v: Vec<f32> = y.flatten_all().and_then(|t| t.to_vec1()).map_err(&f)?;
                     let (y0, x0) = ((cy.start - boxed.y.start) * scale, (cx.start - boxed.x.start) * scale);
                     for ch in 0..c {
@@ -394,8 +392,7 @@ impl Pipeline<'_> {
                 known.kv = None;
             }
         }
-        let (channels, data) = out.expect("the last pass writes");
-        Ok(Channels { channels, data })
+        Ok(out.expect("the last pass writes"))
     }
 }
 
