@@ -341,7 +341,7 @@ def test_handshake_ping_list_release(fake, golden):
     assert d.received[0] == {"type": "hello", "id": 1, "protocol": 1, "client": "gimp/3.0.4"}
     assert c.ping()["type"] == "pong"
     listing = c.list()
-    assert listing["workers"][0]["state"] == "idle"
+    assert listing["workers"][-1]["state"] == "idle" and listing["devices"][0]["id"] == "cuda:0"
     c.release("b1")
     assert d.received[-1] == {"type": "release", "id": d.received[-1]["id"], "buffer": "b1"}
     ids = [m["id"] for m in d.received]

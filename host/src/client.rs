@@ -47,6 +47,8 @@ pub struct Client {
     events: mpsc::Receiver<Result<Event, ClientError>>,
     next_id: u64,
     pub plugins: Vec<PluginInfo>,
+    /// The devices that have a worker, best first.
+    pub devices: Vec<tessera_protocol::DeviceInfo>,
     /// The daemon's name and version, as its `welcome` says.
     pub daemon: String,
 }
@@ -80,10 +82,10 @@ impl Client {
                 return;
             }
         });
-        let mut client = Client { writer: stream, events, next_id: 1, plugins: Vec::new(), daemon: String::new() };
+        let mut client = Client { writer: stream, events, next_id: 1, plugins: Vec::new(), devices: Vec::new(), daemon: String::new() };
         let id = client.send(|id| Request::Hello { id, protocol: PROTOCOL_VERSION, client: format!("tessera-cli/{}", env!("CARGO_PKG_VERSION")), token: None })?;
         match client.reply(id)? {
-            Event::Welcome { plugins, daemon, .. } => (client.plugins, client.daemon) = (plugins, daemon),
+            Event::Welcome { plugins, daemon, devices, .. } => (client.plugins, client.devices, client.daemon) = (plugins, devices, daemon),
             other => return Err(ClientError::Unexpected(format!("{other:?}"))),
         }
         Ok(client)
@@ -123,10 +125,20 @@ impl Client {
         map(buffer)
     }
 
-    /// Submits a job and waits for `queued`; returns (request id, job id).
-    pub fn submit(&mut self, model: &str, scale: u32, input: &str, params: Map<String, Value>, output_sample: SampleType) -> Result<(u64, u64), ClientError> {
+    /// Submits a job (on `device`, else the best one) and waits for `queued`; returns
+    /// (request id, job id).
+    pub fn submit(&mut self, model: &str, scale: u32, input: &str, params: Map<String, Value>, output_sample: SampleType, device: Option<&str>) -> Result<(u64, u64), ClientError> {
         let id = self.send(|id| {
-            Request::Submit(Submit { id, plugin: None, model: model.into(), scale, input: input.into(), params, output_sample: Some(output_sample) })
+            Request::Submit(Submit {
+                id,
+                plugin: None,
+                model: model.into(),
+                scale,
+                input: input.into(),
+                params,
+                output_sample: Some(output_sample),
+                device: device.map(String::from),
+            })
         })?;
         match self.reply(id)? {
             Event::Queued { job, .. } => Ok((id, job)),

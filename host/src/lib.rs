@@ -4,6 +4,7 @@
 pub mod buffers;
 pub mod client;
 pub mod daemon;
+pub mod devices;
 pub mod doctor;
 pub mod icc;
 pub mod image_io;

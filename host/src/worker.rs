@@ -28,9 +28,24 @@ fn is_plugin_file(path: &Path) -> bool {
         && (name.starts_with("libtessera_") || name.starts_with("tessera_"))
 }
 
-/// Loads every plugin found in `dirs`, first directory first; a plugin id seen twice keeps
-/// the first. Returns the plugins and one message per library that failed.
-pub fn load_plugins(dirs: &[PathBuf]) -> (Vec<(Plugin, Instance)>, Vec<String>) {
+/// Where a worker for `device` looks for plugins: for a GPU, each directory's subdirectory
+/// of that kind (`plugins/cuda/`, the GPU builds) before the directory itself.
+pub fn device_plugin_dirs(dirs: &[PathBuf], device: &str) -> Vec<PathBuf> {
+    let kind = device.split(':').next().unwrap_or(device);
+    if kind == "cpu" {
+        return dirs.to_vec();
+    }
+    dirs.iter().flat_map(|d| [d.join(kind), d.clone()]).collect()
+}
+
+/// Test hook: a worker for a CUDA device that runs the CPU builds on the CPU, so that the
+/// daemon's supervision of several workers can be tested on machines without a card.
+const GPU_AS_CPU: &str = "TESSERA_TEST_GPU_AS_CPU";
+
+/// Loads every plugin found in `dirs` that runs on `device`, first directory first; a plugin
+/// id seen twice keeps the first. Returns the plugins and one message per library that failed.
+pub fn load_plugins(dirs: &[PathBuf], device: &str) -> (Vec<(Plugin, Instance)>, Vec<String>) {
+    let device = if device != "cpu" && std::env::var_os(GPU_AS_CPU).is_some() { "cpu" } else { device };
     let mut loaded: Vec<(Plugin, Instance)> = Vec::new();
     let mut errors = Vec::new();
     for dir in dirs {
@@ -38,14 +53,26 @@ pub fn load_plugins(dirs: &[PathBuf]) -> (Vec<(Plugin, Instance)>, Vec<String>) 
         let mut paths: Vec<PathBuf> = entries.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| is_plugin_file(p)).collect();
         paths.sort();
         for path in paths {
-            let config = serde_json::json!({ "model_store": crate::models::store::store_dir() });
-            match Plugin::load(&path).and_then(|p| p.instantiate(&config).map(|i| (p, i))) {
-                Ok((plugin, instance)) => {
-                    if loaded.iter().any(|(p, _)| p.info.id == plugin.info.id) {
-                        tracing::warn!("skipping {}: plugin `{}` is already loaded", path.display(), plugin.info.id);
-                        continue;
-                    }
-                    tracing::info!("loaded plugin `{}` {} from {}", plugin.info.id, plugin.info.version, path.display());
+            let config = serde_json::json!({ "model_store": crate::models::store::store_dir(), "device": device });
+            let plugin = match Plugin::load(&path) {
+                Ok(p) => p,
+                Err(e) => {
+                    tracing::error!("{e}");
+                    errors.push(e.to_string());
+                    continue;
+                }
+            };
+            if loaded.iter().any(|(p, _)| p.info.id == plugin.info.id) {
+                tracing::debug!("skipping {}: plugin `{}` is already loaded", path.display(), plugin.info.id);
+                continue;
+            }
+            if !plugin.info.runs_on(device) {
+                tracing::debug!("skipping {}: this build of `{}` runs on {:?}, not {device}", path.display(), plugin.info.id, plugin.info.devices);
+                continue;
+            }
+            match plugin.instantiate(&config) {
+                Ok(instance) => {
+                    tracing::info!("loaded plugin `{}` {} from {} for {device}", plugin.info.id, plugin.info.version, path.display());
                     loaded.push((plugin, instance));
                 }
                 Err(e) => {
@@ -60,14 +87,14 @@ pub fn load_plugins(dirs: &[PathBuf]) -> (Vec<(Plugin, Instance)>, Vec<String>) 
 
 /// The worker's main: connect to the daemon's one-shot server `ipc_name`, say hello, then run
 /// jobs until told to stop or until the daemon goes away.
-pub fn run(ipc_name: String, plugin_dirs: Vec<PathBuf>) -> anyhow::Result<()> {
-    let (mut plugins, load_errors) = load_plugins(&plugin_dirs);
+pub fn run(ipc_name: String, plugin_dirs: Vec<PathBuf>, device: String) -> anyhow::Result<()> {
+    let (mut plugins, load_errors) = load_plugins(&device_plugin_dirs(&plugin_dirs, &device), &device);
     let to_daemon: IpcSender<FromWorker> =
         IpcSender::connect(ipc_name).context("cannot reach tesserad's worker channel")?;
     let (req_tx, req_rx) = ipc::channel::<ToWorker>()?;
     to_daemon.send(FromWorker::Hello {
         pid: std::process::id(),
-        device: "cpu".into(),
+        device,
         plugins_json: plugins.iter().map(|(p, _)| serde_json::to_string(&p.info).unwrap_or_default()).collect(),
         load_errors,
         requests: req_tx,

@@ -40,6 +40,22 @@ pub struct PluginInfo {
     #[serde(default)]
     pub description: String,
     pub models: Vec<ModelInfo>,
+    /// The device kinds this build of the plugin runs on (`cpu`, `cuda`): a GPU build is the
+    /// same crate with a feature on, and says so here.
+    #[serde(default = "cpu_only")]
+    pub devices: Vec<String>,
+}
+
+fn cpu_only() -> Vec<String> {
+    vec!["cpu".into()]
+}
+
+impl PluginInfo {
+    /// Whether this build runs on `device` (`cpu`, `cuda:N`).
+    pub fn runs_on(&self, device: &str) -> bool {
+        let kind = device.split(':').next().unwrap_or(device);
+        self.devices.iter().any(|d| d == kind)
+    }
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]

@@ -68,6 +68,10 @@ pub struct Submit {
     /// layers as `0.5 + R` (see `ResultLayer::offset`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub output_sample: Option<SampleType>,
+    /// The device to run on (`cpu`, `cuda:0`, as `welcome` lists them); absent: the best
+    /// device whose worker runs the model's plugin (a GPU before the CPU).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device: Option<String>,
 }
 
 impl Request {
@@ -121,11 +125,33 @@ pub struct ResultLayer {
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
 pub struct WorkerInfo {
     pub id: String,
+    /// The id of the device it runs on (one of `welcome`'s `devices`).
     pub device: String,
     pub pid: Option<u32>,
     pub state: WorkerState,
     pub restarts: u32,
     pub queued: u32,
+    /// The plugins it runs, as of its last start.
+    #[serde(default)]
+    pub plugins: Vec<String>,
+    /// Why it is down, or what failed to load in it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// A device a worker runs on: the CPU always, and each CUDA card the driver reports.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct DeviceInfo {
+    /// `cpu`, `cuda:0`, … as a submit's `device` names it.
+    pub id: String,
+    /// For people: `NVIDIA H100 80GB HBM3`, the CPU's model name.
+    pub name: String,
+    /// Total memory in bytes: the card's, or the machine's for the CPU.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_bytes: Option<u64>,
+    /// CUDA compute capability, `9.0`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub compute_capability: Option<String>,
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
@@ -148,6 +174,9 @@ pub enum Event {
         plugins: Vec<PluginInfo>,
         limits: Limits,
         capabilities: Vec<String>,
+        /// The devices that have a worker, best first.
+        #[serde(default)]
+        devices: Vec<DeviceInfo>,
     },
     Allocated { id: u64, buffer: BufferInfo },
     Released { id: u64, buffer: String },
@@ -165,7 +194,13 @@ pub enum Event {
     Error(ErrorReply),
     /// The cancel request was taken; the job itself ends with `error {code: "cancelled"}`.
     Ack { id: u64 },
-    Listing { id: u64, plugins: Vec<PluginInfo>, workers: Vec<WorkerInfo> },
+    Listing {
+        id: u64,
+        plugins: Vec<PluginInfo>,
+        workers: Vec<WorkerInfo>,
+        #[serde(default)]
+        devices: Vec<DeviceInfo>,
+    },
     Pong { id: u64 },
 }
 
@@ -234,6 +269,8 @@ pub enum ErrorCode {
     ModelNotInstalled,
     UnsupportedScale,
     BadParams,
+    /// The submit named a device that has no worker, or whose worker does not run the plugin.
+    DeviceUnavailable,
     UnknownJob,
     Cancelled,
     WorkerCrashed,
@@ -279,6 +316,7 @@ impl ErrorCode {
             ModelNotInstalled => "install the model's weights with `tessera models fetch ID`",
             UnsupportedScale => "send list to see the scales each model supports",
             BadParams => "send list to see each model's parameters, their types and ranges",
+            DeviceUnavailable => "send list to see the devices, their workers and the plugins each runs; leave `device` out to run on the best one",
             UnknownJob => "the job has already finished or was never submitted on this connection",
             Cancelled => "the job was cancelled; submit it again to rerun it",
             WorkerCrashed => "the worker process died and was restarted; submit the job again, and report a bug if it keeps happening",

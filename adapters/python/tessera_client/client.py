@@ -210,6 +210,11 @@ class Client(object):
         return list((self.welcome or {}).get("plugins", []))
 
     @property
+    def devices(self) -> List[Dict[str, Any]]:
+        """The devices that have a worker, best first: ``{id, name, memory_bytes, ...}``."""
+        return list((self.welcome or {}).get("devices", []))
+
+    @property
     def limits(self) -> Dict[str, Any]:
         return dict((self.welcome or {}).get("limits", {}))
 
@@ -271,10 +276,13 @@ class Client(object):
         plugin: Optional[str] = None,
         output_sample: Optional[str] = None,
         timeout: Optional[float] = None,
+        device: Optional[str] = None,
     ) -> Job:
-        """Submits a job on an input buffer and waits for ``queued``. Returns a :class:`Job`."""
+        """Submits a job on an input buffer and waits for ``queued``. Returns a :class:`Job`.
+        ``device`` (``cpu``, ``cuda:0``: one of :attr:`devices`) overrides the daemon's choice,
+        the best device whose worker runs the model."""
         return self._start_job(lambda rid: messages.submit(rid, model, scale, buf_or_id, params,
-                                                            plugin, output_sample), timeout)
+                                                            plugin, output_sample, device), timeout)
 
     def render(
         self,

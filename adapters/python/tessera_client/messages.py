@@ -92,6 +92,7 @@ def submit(
     params: Optional[Dict[str, Any]] = None,
     plugin: Optional[str] = None,
     output_sample: Optional[str] = None,
+    device: Optional[str] = None,
 ) -> Dict[str, Any]:
     msg: Dict[str, Any] = {"type": "submit", "id": id}
     if plugin is not None:
@@ -102,6 +103,8 @@ def submit(
     msg["params"] = dict(params) if params else {}
     if output_sample is not None:
         msg["output_sample"] = output_sample
+    if device is not None:
+        msg["device"] = device
     return msg
 
 

@@ -49,6 +49,10 @@ enum Command {
         /// Also write each layer and the composite as PNG into this directory.
         #[arg(long)]
         png_dir: Option<PathBuf>,
+        /// The device to run on (cpu, cuda:0; `tessera models list` shows them) [default: the
+        /// best one whose worker runs the model].
+        #[arg(long)]
+        device: Option<String>,
     },
     /// List, fetch and check models.
     Models {
@@ -175,7 +179,25 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 println!("  {id:<24} [{state}]  PiSA-SR one-step diffusion ×4, pixel and semantic LoRA");
             }
             match Client::connect(&socket, !cli.no_start) {
-                Ok(client) => {
+                Ok(mut client) => {
+                    let workers = client.workers().unwrap_or_default();
+                    println!("devices in tesserad (best first):");
+                    for d in &client.devices {
+                        let mut about = vec![d.name.clone()];
+                        if let Some(bytes) = d.memory_bytes {
+                            about.push(format!("{:.1} GiB", bytes as f64 / (1u64 << 30) as f64));
+                        }
+                        if let Some(cc) = &d.compute_capability {
+                            about.push(format!("compute capability {cc}"));
+                        }
+                        let worker = workers.iter().find(|w| w.device == d.id);
+                        let runs = match worker {
+                            Some(w) if !w.plugins.is_empty() => format!("runs {}", w.plugins.join(", ")),
+                            Some(w) => format!("runs no plugin{}", w.error.as_deref().map(|e| format!(": {e}")).unwrap_or_default()),
+                            None => "no worker".into(),
+                        };
+                        println!("  {:<8} {}  [{runs}]", d.id, about.join(", "));
+                    }
                     println!("engines in tesserad:");
                     for p in &client.plugins {
                         println!("  {} {} — {}", p.id, p.version, p.name);
@@ -272,8 +294,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Upscale { input, output, scale, model, params, png_dir } => {
-            upscale(&socket, !cli.no_start, &input, &output, scale, model, &params, png_dir.as_deref())
+        Command::Upscale { input, output, scale, model, params, png_dir, device } => {
+            upscale(&socket, !cli.no_start, &input, &output, scale, model, &params, png_dir.as_deref(), device.as_deref())
         }
     }
 }
@@ -289,7 +311,7 @@ fn parse_params(params: &[String]) -> anyhow::Result<Map<String, Value>> {
 }
 
 #[allow(clippy::too_many_arguments)]
-fn upscale(socket: &Path, autostart: bool, input: &Path, output: &Path, scale: u32, model: Option<String>, params: &[String], png_dir: Option<&Path>) -> anyhow::Result<()> {
+fn upscale(socket: &Path, autostart: bool, input: &Path, output: &Path, scale: u32, model: Option<String>, params: &[String], png_dir: Option<&Path>, device: Option<&str>) -> anyhow::Result<()> {
     let params = parse_params(params)?;
     let pixels = image_io::load(input)?;
     let mut client = Client::connect(socket, autostart)?;
@@ -338,7 +360,7 @@ fn upscale(socket: &Path, autostart: bool, input: &Path, output: &Path, scale: u
 
     let mut buf = client.alloc(image_io::request(&pixels.layout))?;
     buf.map[..pixels.data.len()].copy_from_slice(&pixels.data);
-    let (_, job) = client.submit(&model, scale, &buf.info.id, params, out_sample)?;
+    let (_, job) = client.submit(&model, scale, &buf.info.id, params, out_sample, device)?;
 
     let interrupted = Arc::new(AtomicBool::new(false));
     signal_hook::flag::register(signal_hook::consts::SIGINT, interrupted.clone())?;

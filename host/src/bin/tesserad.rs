@@ -56,6 +56,10 @@ struct Args {
     /// stuck and is replaced.
     #[arg(long, default_value_t = 600.0)]
     stall_timeout: f64,
+    /// Which devices get a worker: auto (the CPU and every CUDA card the driver reports), or a
+    /// list such as cpu,cuda:1.
+    #[arg(long, default_value = "auto")]
+    devices: String,
     /// Exit after SECS with no client connected and no job (clients that start tesserad pass it).
     #[arg(long, value_name = "SECS")]
     idle_exit: Option<f64>,
@@ -66,19 +70,29 @@ enum Mode {
     /// Worker mode: started by tesserad, not by people.
     #[command(hide = true)]
     Worker {
-        #[arg(long)]
-        ipc: String,
+        #[arg(long, required_unless_present = "probe_devices")]
+        ipc: Option<String>,
         #[arg(long = "plugins")]
         plugin_dirs: Vec<PathBuf>,
+        /// The device whose jobs this worker runs: cpu or cuda:N.
+        #[arg(long, default_value = "cpu")]
+        device: String,
+        /// Print the CUDA cards the driver reports, as JSON, and exit.
+        #[arg(long)]
+        probe_devices: bool,
     },
 }
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     match args.mode {
-        Some(Mode::Worker { ipc, plugin_dirs }) => {
+        Some(Mode::Worker { probe_devices: true, .. }) => {
+            println!("{}", serde_json::to_string(&tessera_host::devices::probe_here())?);
+            Ok(())
+        }
+        Some(Mode::Worker { ipc, plugin_dirs, device, .. }) => {
             tessera_host::init_logging("info");
-            tessera_host::worker::run(ipc, plugin_dirs)
+            tessera_host::worker::run(ipc.context("--ipc is required")?, plugin_dirs, device)
         }
         None => {
             tessera_host::init_logging("info");
@@ -98,6 +112,7 @@ fn main() -> anyhow::Result<()> {
             config.heartbeat_timeout = std::time::Duration::from_secs_f64(args.heartbeat_timeout.max(1.0));
             config.stall_timeout = std::time::Duration::from_secs_f64(args.stall_timeout.max(1.0));
             config.idle_exit = args.idle_exit.map(|s| std::time::Duration::from_secs_f64(s.max(0.0)));
+            config.devices = tessera_host::devices::parse_list(&args.devices).map_err(anyhow::Error::msg)?;
             if !args.plugin_dirs.is_empty() {
                 config.plugin_dirs = args.plugin_dirs;
             }

@@ -33,6 +33,8 @@ pub struct Config {
     pub allow_remote: bool,
     pub token_path: PathBuf,
     pub plugin_dirs: Vec<PathBuf>,
+    /// The devices that get a worker; `None`: the CPU and every CUDA card found.
+    pub devices: Option<Vec<String>>,
     pub limits: Limits,
     /// How long a worker may take to load its plugins and say hello.
     pub worker_start_timeout: Duration,
@@ -60,6 +62,7 @@ impl Default for Config {
             allow_remote: false,
             token_path: paths::token_path(),
             plugin_dirs: default_plugin_dirs(),
+            devices: None,
             limits: Limits::default(),
             worker_start_timeout: Duration::from_secs(30),
             cancel_grace: Duration::from_secs(10),
@@ -166,6 +169,8 @@ pub(crate) struct Shared {
     pub clients: Mutex<HashMap<ClientId, ClientOut>>,
     pub plugins: RwLock<Vec<PluginInfo>>,
     pub workers: Mutex<Vec<WorkerInfo>>,
+    /// The devices that have a worker, best first (set once at start).
+    pub devices: Mutex<Vec<tessera_protocol::DeviceInfo>>,
     pub sched: Mutex<mpsc::Sender<Sched>>,
     pub token: Option<String>,
     pub next_client: AtomicU64,
@@ -265,6 +270,7 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         clients: Mutex::new(HashMap::new()),
         plugins: RwLock::new(Vec::new()),
         workers: Mutex::new(Vec::new()),
+        devices: Mutex::new(Vec::new()),
         sched: Mutex::new(sched_tx.clone()),
         token,
         next_client: AtomicU64::new(1),
@@ -272,9 +278,9 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         kept: Mutex::new(kept::KeptJobs::default()),
     });
 
-    // Start the worker before listening, so the first client already sees the plugins.
+    // Start the workers before listening, so the first client already sees the plugins.
     let mut scheduler = Scheduler::new(shared.clone(), sched_rx, sched_tx);
-    scheduler.ensure_worker();
+    scheduler.start_workers();
     std::thread::Builder::new().name("scheduler".into()).spawn(move || scheduler.run())?;
 
     let listener = {

@@ -7,7 +7,7 @@ use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
 use ipc_channel::ipc::{IpcOneShotServer, IpcSender};
-use tessera_protocol::{Blend, BufferInfo, ErrorCode, ErrorReply, Event, LayerRole, PluginInfo, ResultLayer, WorkerInfo, WorkerState};
+use tessera_protocol::{Blend, BufferInfo, DeviceInfo, ErrorCode, ErrorReply, Event, LayerRole, PluginInfo, ResultLayer, WorkerInfo, WorkerState};
 
 use super::Shared;
 use crate::buffers::ClientId;
@@ -45,6 +45,8 @@ pub(crate) struct QueuedJob {
     pub outputs: Vec<JobOutput>,
     /// Keep the job for exact renders once it finishes (its model's `exact_render`).
     pub keep: bool,
+    /// The device the submit asked for; `None`: the best that runs its plugin.
+    pub device: Option<String>,
 }
 
 struct Running {
@@ -66,6 +68,44 @@ struct WorkerProc {
     hung: Option<String>,
 }
 
+/// One device and its worker: the worker's process, its job, and its restarts.
+struct Slot {
+    device: DeviceInfo,
+    worker: Option<WorkerProc>,
+    running: Option<Running>,
+    /// The plugins its worker loaded at its last start; `None` before the first.
+    plugins: Option<Vec<PluginInfo>>,
+    /// What failed to load in it, or why it could not start.
+    error: Option<String>,
+    /// Of its current worker: messages from an older one are dropped.
+    generation: u64,
+    restarts: u32,
+    /// Consecutive failed starts; sets the back-off before the next try.
+    start_failures: u32,
+    next_start: Instant,
+}
+
+impl Slot {
+    fn new(device: DeviceInfo) -> Slot {
+        Slot { device, worker: None, running: None, plugins: None, error: None, generation: 0, restarts: 0, start_failures: 0, next_start: Instant::now() }
+    }
+    /// Three starts in a row failed: its jobs go elsewhere or fail until a start succeeds.
+    fn down(&self) -> bool {
+        self.start_failures >= 3
+    }
+    fn runs(&self, plugin: &str) -> bool {
+        self.plugins.as_ref().is_some_and(|ps| ps.iter().any(|p| p.id == plugin))
+    }
+}
+
+/// Where a queued job goes.
+enum Route {
+    Slot(usize),
+    /// To the first device whose worker has not started yet, once it has said what it runs.
+    Wait(usize),
+    Nowhere(ErrorCode, String),
+}
+
 pub(crate) struct Scheduler {
     shared: Arc<Shared>,
     rx: mpsc::Receiver<Sched>,
@@ -76,47 +116,41 @@ pub(crate) struct Scheduler {
     /// another's one.
     served: HashMap<ClientId, u64>,
     starts: u64,
-    running: Option<Running>,
-    worker: Option<WorkerProc>,
+    /// One per device, best first (GPUs before the CPU).
+    slots: Vec<Slot>,
     generation: u64,
-    restarts: u32,
-    /// Consecutive failed starts; sets the back-off before the next try.
-    start_failures: u32,
-    next_start: Instant,
     shutdown: Option<(mpsc::Sender<()>, Instant)>,
 }
 
 impl Scheduler {
     pub fn new(shared: Arc<Shared>, rx: mpsc::Receiver<Sched>, tx: mpsc::Sender<Sched>) -> Scheduler {
-        Scheduler {
-            shared,
-            rx,
-            tx,
-            queue: VecDeque::new(),
-            served: HashMap::new(),
-            starts: 0,
-            running: None,
-            worker: None,
-            generation: 0,
-            restarts: 0,
-            start_failures: 0,
-            next_start: Instant::now(),
-            shutdown: None,
-        }
+        Scheduler { shared, rx, tx, queue: VecDeque::new(), served: HashMap::new(), starts: 0, slots: Vec::new(), generation: 0, shutdown: None }
+    }
+
+    /// Finds the devices (a probe in a child process: tesserad itself opens no driver), and
+    /// starts a worker for each.
+    pub fn start_workers(&mut self) {
+        let devices = plan_devices(&self.shared.config);
+        *self.shared.devices.lock() = devices.clone();
+        self.slots = devices.into_iter().map(Slot::new).collect();
+        self.ensure_workers();
+        self.publish_state();
     }
 
     pub fn run(mut self) {
         loop {
             self.enforce_cancel_deadline();
-            self.find_hung_worker();
+            self.find_hung_workers();
             if self.shutdown.is_none() {
-                self.ensure_worker();
+                self.ensure_workers();
                 self.start_next();
             }
             self.publish_state();
-            let stop_now = self.shutdown.as_ref().is_some_and(|(_, deadline)| self.running.is_none() || Instant::now() > *deadline);
+            let stop_now = self.shutdown.as_ref().is_some_and(|(_, deadline)| self.slots.iter().all(|s| s.running.is_none()) || Instant::now() > *deadline);
             if stop_now {
-                self.stop_worker();
+                for i in 0..self.slots.len() {
+                    self.stop_worker(i);
+                }
                 if let Some((done, _)) = self.shutdown.take() {
                     let _ = done.send(());
                 }
@@ -132,6 +166,14 @@ impl Scheduler {
         }
     }
 
+    fn slot_of(&self, generation: u64) -> Option<usize> {
+        self.slots.iter().position(|s| s.generation == generation && s.worker.is_some())
+    }
+
+    fn running_of(&self, client: ClientId, job: u64) -> Option<usize> {
+        self.slots.iter().position(|s| s.running.as_ref().is_some_and(|r| r.job.job == job && r.job.client == client))
+    }
+
     fn handle(&mut self, msg: Sched) {
         match msg {
             Sched::Submit(job) => {
@@ -140,14 +182,20 @@ impl Scheduler {
                     return;
                 }
                 let max = self.shared.config.limits.max_client_jobs as usize;
-                let mine = self.queue.iter().filter(|j| j.client == job.client).count()
-                    + self.running.as_ref().is_some_and(|r| r.job.client == job.client) as usize;
+                let running = self.slots.iter().filter(|s| s.running.as_ref().is_some_and(|r| r.job.client == job.client)).count();
+                let mine = self.queue.iter().filter(|j| j.client == job.client).count() + running;
                 if mine >= max {
                     let message = format!("this connection already has {mine} jobs queued or running, its limit: wait for one to finish");
                     self.finish_failed(job, ErrorCode::LimitExceeded, message);
                     return;
                 }
-                let position = self.queue.len() as u32 + self.running.is_some() as u32;
+                if let Some(device) = &job.device {
+                    if let Some(message) = self.refuse_device(device, &job.plugin) {
+                        self.finish_failed(job, ErrorCode::DeviceUnavailable, message);
+                        return;
+                    }
+                }
+                let position = self.queue.len() as u32 + self.slots.iter().filter(|s| s.running.is_some()).count() as u32;
                 self.shared.send(job.client, &Event::Queued { id: job.req, job: job.job, position });
                 self.queue.push_back(job);
             }
@@ -159,26 +207,78 @@ impl Scheduler {
                 for job in gone {
                     self.release_job_buffers(&job, false);
                 }
-                if self.running.as_ref().is_some_and(|r| r.job.client == client) {
-                    self.cancel_running();
+                for i in 0..self.slots.len() {
+                    if self.slots[i].running.as_ref().is_some_and(|r| r.job.client == client) {
+                        self.cancel_running(i);
+                    }
                 }
             }
-            Sched::Worker { generation, msg } if generation == self.generation => {
-                if let Some(w) = &mut self.worker {
-                    w.heard = Instant::now();
+            Sched::Worker { generation, msg } => {
+                if let Some(i) = self.slot_of(generation) {
+                    if let Some(w) = &mut self.slots[i].worker {
+                        w.heard = Instant::now();
+                    }
+                    self.on_worker_message(i, msg)
                 }
-                self.on_worker_message(msg)
             }
-            Sched::Worker { .. } => {}
-            Sched::WorkerGone { generation } if generation == self.generation => self.worker_died(),
-            Sched::WorkerGone { .. } => {}
+            Sched::WorkerGone { generation } => {
+                if let Some(i) = self.slot_of(generation) {
+                    self.worker_died(i)
+                }
+            }
             Sched::Shutdown(done) => {
                 for job in std::mem::take(&mut self.queue) {
                     self.finish_failed(job, ErrorCode::ShuttingDown, "tesserad is shutting down; the job was not started".into());
                 }
-                self.cancel_running();
+                for i in 0..self.slots.len() {
+                    self.cancel_running(i);
+                }
                 self.shutdown = Some((done, Instant::now() + Duration::from_secs(10)));
             }
+        }
+    }
+
+    /// Why a job asking for `device` cannot run there, if it cannot.
+    fn refuse_device(&self, device: &str, plugin: &str) -> Option<String> {
+        let Some(slot) = self.slots.iter().find(|s| s.device.id == device) else {
+            let known: Vec<&str> = self.slots.iter().map(|s| s.device.id.as_str()).collect();
+            return Some(format!("no worker runs on device `{device}` (devices: {})", known.join(", ")));
+        };
+        match &slot.plugins {
+            Some(_) if !slot.runs(plugin) => {
+                let why = slot.error.as_deref().map(|e| format!(": {e}")).unwrap_or_default();
+                Some(format!("plugin `{plugin}` does not run on {device}{why}"))
+            }
+            _ => None,
+        }
+    }
+
+    /// The device for `job`: the one it asked for, else the best device whose worker runs its
+    /// plugin.
+    fn route(&self, job: &QueuedJob) -> Route {
+        if let Some(device) = &job.device {
+            return match self.slots.iter().position(|s| &s.device.id == device) {
+                Some(i) if self.slots[i].down() => Route::Nowhere(ErrorCode::WorkerCrashed, format!("no worker could be started on {device}: {}", self.slots[i].error.as_deref().unwrap_or("unknown error"))),
+                Some(i) if self.slots[i].plugins.is_none() => Route::Wait(i),
+                Some(i) if !self.slots[i].runs(&job.plugin) => Route::Nowhere(ErrorCode::DeviceUnavailable, self.refuse_device(device, &job.plugin).unwrap_or_default()),
+                Some(i) => Route::Slot(i),
+                None => Route::Nowhere(ErrorCode::DeviceUnavailable, format!("no worker runs on device `{device}`")),
+            };
+        }
+        for (i, s) in self.slots.iter().enumerate() {
+            if s.down() {
+                continue;
+            }
+            if s.plugins.is_none() {
+                return Route::Wait(i);
+            }
+            if s.runs(&job.plugin) {
+                return Route::Slot(i);
+            }
+        }
+        match self.slots.iter().find(|s| s.down()) {
+            Some(s) => Route::Nowhere(ErrorCode::WorkerCrashed, format!("no worker could be started: {}", s.error.as_deref().unwrap_or("unknown error"))),
+            None => Route::Nowhere(ErrorCode::UnknownPlugin, format!("no worker runs plugin `{}`", job.plugin)),
         }
     }
 
@@ -189,9 +289,9 @@ impl Scheduler {
             self.finish_failed(queued, ErrorCode::Cancelled, format!("job {job} was cancelled before it started"));
             return;
         }
-        if matches!(&self.running, Some(r) if r.job.job == job && r.job.client == client) {
+        if let Some(i) = self.running_of(client, job) {
             self.shared.send(client, &Event::Ack { id: req });
-            self.cancel_running();
+            self.cancel_running(i);
             return;
         }
         self.shared.send(
@@ -200,53 +300,58 @@ impl Scheduler {
         );
     }
 
-    /// Asks the worker to stop the running job, and starts the clock on it.
-    fn cancel_running(&mut self) {
+    /// Asks slot `i`'s worker to stop its job, and starts the clock on it.
+    fn cancel_running(&mut self, i: usize) {
         let grace = self.shared.config.cancel_grace;
-        let Some(r) = &mut self.running else { return };
+        let Some(r) = &mut self.slots[i].running else { return };
         let job = r.job.job;
         r.cancel_deadline.get_or_insert(Instant::now() + grace);
-        self.send_worker(ToWorker::Cancel { job });
+        self.send_worker(i, ToWorker::Cancel { job });
     }
 
     /// An engine that ignores the cancel flag (hung, or stuck in a driver) must not block the
     /// queue: past the grace period its worker is killed and a new one started.
     fn enforce_cancel_deadline(&mut self) {
-        let overdue = self.running.as_ref().and_then(|r| r.cancel_deadline).is_some_and(|d| Instant::now() > d);
-        if let (true, Some(w)) = (overdue, &mut self.worker) {
-            tracing::warn!("worker {} did not stop its job within {:?} of a cancel; killing it", w.pid, self.shared.config.cancel_grace);
-            let _ = w.child.kill();
+        let grace = self.shared.config.cancel_grace;
+        for s in &mut self.slots {
+            let overdue = s.running.as_ref().and_then(|r| r.cancel_deadline).is_some_and(|d| Instant::now() > d);
+            if let (true, Some(w)) = (overdue, &mut s.worker) {
+                tracing::warn!("worker {} ({}) did not stop its job within {grace:?} of a cancel; killing it", w.pid, s.device.id);
+                let _ = w.child.kill();
+            }
         }
     }
 
     /// A worker that falls silent (its heartbeat stops: stopped, deadlocked) or whose job
     /// reports nothing for `stall_timeout` (an engine stuck in a driver) is killed; its death
     /// fails the job, saying why, and a new worker starts. No cancel is needed for this.
-    fn find_hung_worker(&mut self) {
+    fn find_hung_workers(&mut self) {
         let config = &self.shared.config;
-        let Some(w) = &mut self.worker else { return };
-        if w.hung.is_some() {
-            return;
+        for s in &mut self.slots {
+            let Some(w) = &mut s.worker else { continue };
+            if w.hung.is_some() {
+                continue;
+            }
+            let silent = w.heard.elapsed();
+            let stalled = s.running.as_ref().map(|r| (r.job.job, r.progressed.elapsed()));
+            let why = if silent > config.heartbeat_timeout {
+                format!("the worker stopped answering for {:.0} s (hung: stopped, deadlocked or stuck in a driver)", silent.as_secs_f64())
+            } else if let Some((job, quiet)) = stalled.filter(|(_, quiet)| *quiet > config.stall_timeout) {
+                format!("job {job} reported no progress for {:.0} s (its engine is stuck)", quiet.as_secs_f64())
+            } else {
+                continue;
+            };
+            tracing::error!("{why}: killing worker {} ({})", w.pid, s.device.id);
+            let _ = w.child.kill();
+            w.hung = Some(why);
         }
-        let silent = w.heard.elapsed();
-        let stalled = self.running.as_ref().map(|r| (r.job.job, r.progressed.elapsed()));
-        let why = if silent > config.heartbeat_timeout {
-            format!("the worker stopped answering for {:.0} s (hung: stopped, deadlocked or stuck in a driver)", silent.as_secs_f64())
-        } else if let Some((job, quiet)) = stalled.filter(|(_, quiet)| *quiet > config.stall_timeout) {
-            format!("job {job} reported no progress for {:.0} s (its engine is stuck)", quiet.as_secs_f64())
-        } else {
-            return;
-        };
-        tracing::error!("{why}: killing worker {}", w.pid);
-        let _ = w.child.kill();
-        w.hung = Some(why);
     }
 
-    fn on_worker_message(&mut self, msg: FromWorker) {
+    fn on_worker_message(&mut self, i: usize, msg: FromWorker) {
         match msg {
             FromWorker::Hello { .. } | FromWorker::Heartbeat => {}
             FromWorker::Progress { job, done, total, stage } => {
-                let Some(r) = &mut self.running else { return };
+                let Some(r) = &mut self.slots[i].running else { return };
                 if r.job.job != job {
                     return;
                 }
@@ -256,7 +361,7 @@ impl Scheduler {
                 self.shared.send(r.job.client, &Event::Progress { id: r.job.req, job, done, total, stage, eta });
             }
             FromWorker::Done { job } => {
-                let Some(r) = self.running.take_if(|r| r.job.job == job) else { return };
+                let Some(r) = self.slots[i].running.take_if(|r| r.job.job == job) else { return };
                 let seconds = r.started.elapsed().as_secs_f64();
                 self.release_job_buffers(&r.job, true);
                 let layers = r
@@ -272,7 +377,7 @@ impl Scheduler {
                         offset: o.offset,
                     })
                     .collect();
-                tracing::info!(job, seconds, "job done");
+                tracing::info!(job, seconds, device = self.slots[i].device.id, "job done");
                 if r.job.keep {
                     let kept = super::kept::KeptJob {
                         job,
@@ -288,7 +393,7 @@ impl Scheduler {
                 self.shared.send(r.job.client, &Event::Result { id: r.job.req, job, layers, seconds });
             }
             FromWorker::Failed { job, cancelled, message } => {
-                let Some(r) = self.running.take_if(|r| r.job.job == job) else { return };
+                let Some(r) = self.slots[i].running.take_if(|r| r.job.job == job) else { return };
                 let code = match (cancelled, self.shutdown.is_some()) {
                     (true, true) => ErrorCode::ShuttingDown,
                     (true, false) => ErrorCode::Cancelled,
@@ -300,22 +405,24 @@ impl Scheduler {
         }
     }
 
-    fn worker_died(&mut self) {
-        let Some(mut w) = self.worker.take() else { return };
+    fn worker_died(&mut self, i: usize) {
+        let slot = &mut self.slots[i];
+        let Some(mut w) = slot.worker.take() else { return };
         let status = reap(&mut w.child);
-        tracing::error!("worker {} died ({status})", w.pid);
-        self.restarts += 1;
-        if let Some(r) = self.running.take() {
-            let job = r.job.job;
-            if r.cancel_deadline.is_some() {
-                let code = if self.shutdown.is_some() { ErrorCode::ShuttingDown } else { ErrorCode::Cancelled };
-                let message = format!("job {job} was cancelled; its engine did not stop in time, so its worker was restarted");
-                self.finish_failed(r.job, code, message);
-            } else if let Some(why) = &w.hung {
-                self.finish_failed(r.job, ErrorCode::WorkerCrashed, format!("{why}; it was restarted, and job {job} failed"));
-            } else {
-                self.finish_failed(r.job, ErrorCode::WorkerCrashed, format!("the worker process died while running job {job} ({status})"));
-            }
+        let device = slot.device.id.clone();
+        tracing::error!("worker {} ({device}) died ({status})", w.pid);
+        slot.restarts += 1;
+        let Some(r) = slot.running.take() else { return };
+        let job = r.job.job;
+        let on = if self.slots.len() > 1 { format!(" on {device}") } else { String::new() };
+        if r.cancel_deadline.is_some() {
+            let code = if self.shutdown.is_some() { ErrorCode::ShuttingDown } else { ErrorCode::Cancelled };
+            let message = format!("job {job} was cancelled; its engine did not stop in time, so its worker{on} was restarted");
+            self.finish_failed(r.job, code, message);
+        } else if let Some(why) = &w.hung {
+            self.finish_failed(r.job, ErrorCode::WorkerCrashed, format!("{why}; it was restarted, and job {job} failed"));
+        } else {
+            self.finish_failed(r.job, ErrorCode::WorkerCrashed, format!("the worker process{on} died while running job {job} ({status})"));
         }
     }
 
@@ -338,71 +445,104 @@ impl Scheduler {
         }
     }
 
+    /// Gives each idle worker the fairest job routed to it, and fails the jobs no worker can
+    /// run.
     fn start_next(&mut self) {
-        if self.running.is_some() || self.worker.is_none() {
-            return;
+        let mut pos = 0;
+        while pos < self.queue.len() {
+            if let Route::Nowhere(code, message) = self.route(&self.queue[pos]) {
+                let job = self.queue.remove(pos).expect("position is in range");
+                self.finish_failed(job, code, message);
+            } else {
+                pos += 1;
+            }
         }
-        let fairest = self.queue.iter().enumerate().min_by_key(|(i, j)| (self.served.get(&j.client).copied().unwrap_or(0), *i));
-        let Some((pos, _)) = fairest else { return };
-        let job = self.queue.remove(pos).expect("position is in range");
-        self.starts += 1;
-        self.served.insert(job.client, self.starts);
-        let run = RunJob {
-            job: job.job,
-            plugin: job.plugin.clone(),
-            model: job.model.clone(),
-            scale: job.scale,
-            params_json: job.params_json.clone(),
-            input: job.input.clone(),
-            outputs: job
-                .outputs
+        for i in 0..self.slots.len() {
+            if self.slots[i].running.is_some() || self.slots[i].worker.is_none() {
+                continue;
+            }
+            let fairest = self
+                .queue
                 .iter()
-                .map(|o| OutSpec { role: o.role, buf: BufSpec { path: o.info.path.clone(), layout: o.info.layout }, offset: o.offset })
-                .collect(),
-        };
-        self.running = Some(Running { job, started: Instant::now(), progressed: Instant::now(), cancel_deadline: None });
-        // If the send fails the worker is dead; its WorkerGone fails the job.
-        self.send_worker(ToWorker::Run(run));
+                .enumerate()
+                .filter(|(_, j)| matches!(self.route(j), Route::Slot(s) if s == i))
+                .min_by_key(|(p, j)| (self.served.get(&j.client).copied().unwrap_or(0), *p));
+            let Some((pos, _)) = fairest else { continue };
+            let job = self.queue.remove(pos).expect("position is in range");
+            self.starts += 1;
+            self.served.insert(job.client, self.starts);
+            let run = RunJob {
+                job: job.job,
+                plugin: job.plugin.clone(),
+                model: job.model.clone(),
+                scale: job.scale,
+                params_json: job.params_json.clone(),
+                input: job.input.clone(),
+                outputs: job
+                    .outputs
+                    .iter()
+                    .map(|o| OutSpec { role: o.role, buf: BufSpec { path: o.info.path.clone(), layout: o.info.layout }, offset: o.offset })
+                    .collect(),
+            };
+            self.slots[i].running = Some(Running { job, started: Instant::now(), progressed: Instant::now(), cancel_deadline: None });
+            // If the send fails the worker is dead; its WorkerGone fails the job.
+            self.send_worker(i, ToWorker::Run(run));
+        }
     }
 
-    fn send_worker(&self, msg: ToWorker) {
-        if let Some(w) = &self.worker {
+    fn send_worker(&self, i: usize, msg: ToWorker) {
+        if let Some(w) = &self.slots[i].worker {
             if let Err(e) = w.tx.send(msg) {
-                tracing::warn!("cannot reach worker {}: {e}", w.pid);
+                tracing::warn!("cannot reach worker {} ({}): {e}", w.pid, self.slots[i].device.id);
             }
         }
     }
 
-    /// Starts a worker if there is none, with back-off after failed starts.
-    pub fn ensure_worker(&mut self) {
-        if self.worker.is_some() || Instant::now() < self.next_start {
-            return;
-        }
-        match self.spawn_worker() {
-            Ok(w) => {
-                tracing::info!("worker {} ready", w.pid);
-                self.start_failures = 0;
-                self.worker = Some(w);
+    /// Starts a worker for every device that has none, with back-off after failed starts.
+    fn ensure_workers(&mut self) {
+        for i in 0..self.slots.len() {
+            let slot = &self.slots[i];
+            if slot.worker.is_some() || Instant::now() < slot.next_start {
+                continue;
             }
-            Err(e) => {
-                self.start_failures += 1;
-                let wait = Duration::from_millis(250 << self.start_failures.min(6));
-                tracing::error!("cannot start a worker: {e:#}; retrying in {wait:?}");
-                self.next_start = Instant::now() + wait;
-                // Jobs cannot wait forever for a worker that will not start.
-                if self.start_failures >= 3 {
-                    for job in std::mem::take(&mut self.queue) {
-                        self.finish_failed(job, ErrorCode::WorkerCrashed, format!("no worker could be started: {e:#}"));
-                    }
+            let result = self.spawn_worker(i);
+            let slot = &mut self.slots[i];
+            match result {
+                Ok((w, plugins, load_errors)) => {
+                    tracing::info!("worker {} ready on {}", w.pid, slot.device.id);
+                    slot.start_failures = 0;
+                    slot.worker = Some(w);
+                    slot.plugins = Some(plugins);
+                    slot.error = (!load_errors.is_empty()).then(|| load_errors.join("; "));
+                    self.publish_plugins();
+                }
+                Err(e) => {
+                    slot.start_failures += 1;
+                    let wait = Duration::from_millis(250 << slot.start_failures.min(6));
+                    tracing::error!("cannot start a worker on {}: {e:#}; retrying in {wait:?}", slot.device.id);
+                    slot.next_start = Instant::now() + wait;
+                    slot.error = Some(format!("{e:#}"));
                 }
             }
         }
     }
 
-    fn spawn_worker(&mut self) -> anyhow::Result<WorkerProc> {
+    /// The plugins of every worker, each once: the best device's build of it first.
+    fn publish_plugins(&self) {
+        let mut all: Vec<PluginInfo> = Vec::new();
+        for p in self.slots.iter().filter_map(|s| s.plugins.as_ref()).flatten() {
+            if !all.iter().any(|q| q.id == p.id) {
+                all.push(p.clone());
+            }
+        }
+        *self.shared.plugins.write() = all;
+    }
+
+    fn spawn_worker(&mut self, i: usize) -> anyhow::Result<(WorkerProc, Vec<PluginInfo>, Vec<String>)> {
+        let device = self.slots[i].device.id.clone();
         let (server, name) = IpcOneShotServer::<FromWorker>::new()?;
         let mut cmd = Command::new(std::env::current_exe()?);
-        cmd.arg("worker").arg("--ipc").arg(&name).stdin(Stdio::null());
+        cmd.arg("worker").arg("--ipc").arg(&name).arg("--device").arg(&device).stdin(Stdio::null());
         for dir in &self.shared.config.plugin_dirs {
             cmd.arg("--plugins").arg(dir);
         }
@@ -436,23 +576,23 @@ impl Scheduler {
                 anyhow::bail!("the worker did not say hello ({status})");
             }
         };
-        let FromWorker::Hello { pid, device, plugins_json, load_errors, requests } = hello else {
+        let FromWorker::Hello { pid, device: _, plugins_json, load_errors, requests } = hello else {
             let _ = child.kill();
             reap(&mut child);
             anyhow::bail!("the worker's first message was not hello");
         };
         let plugins: Vec<PluginInfo> = plugins_json.iter().filter_map(|j| serde_json::from_str(j).ok()).collect();
         for e in &load_errors {
-            tracing::error!("plugin failed to load: {e}");
+            tracing::error!("plugin failed to load on {device}: {e}");
         }
         if plugins.is_empty() {
-            tracing::warn!("no plugins loaded from {:?}", self.shared.config.plugin_dirs);
+            tracing::warn!("no plugins for {device} loaded from {:?}", self.shared.config.plugin_dirs);
         }
         tracing::debug!(device, "worker plugins: {:?}", plugins.iter().map(|p| &p.id).collect::<Vec<_>>());
-        *self.shared.plugins.write() = plugins;
 
         self.generation += 1;
         let generation = self.generation;
+        self.slots[i].generation = generation;
         let tx = self.tx.clone();
         std::thread::Builder::new().name(format!("worker-{pid}-rx")).spawn(move || loop {
             match receiver.recv() {
@@ -467,11 +607,11 @@ impl Scheduler {
                 }
             }
         })?;
-        Ok(WorkerProc { child, tx: requests, pid, heard: Instant::now(), hung: None })
+        Ok((WorkerProc { child, tx: requests, pid, heard: Instant::now(), hung: None }, plugins, load_errors))
     }
 
-    fn stop_worker(&mut self) {
-        if let Some(mut w) = self.worker.take() {
+    fn stop_worker(&mut self, i: usize) {
+        if let Some(mut w) = self.slots[i].worker.take() {
             let _ = w.tx.send(ToWorker::Shutdown);
             let deadline = Instant::now() + Duration::from_secs(2);
             while Instant::now() < deadline {
@@ -486,20 +626,70 @@ impl Scheduler {
     }
 
     fn publish_state(&self) {
-        let state = match (&self.worker, &self.running) {
-            (None, _) => if self.start_failures > 0 { WorkerState::Down } else { WorkerState::Starting },
-            (Some(_), Some(_)) => WorkerState::Busy,
-            (Some(_), None) => WorkerState::Idle,
-        };
-        *self.shared.workers.lock() = vec![WorkerInfo {
-            id: "cpu".into(),
-            device: "cpu".into(),
-            pid: self.worker.as_ref().map(|w| w.pid),
-            state,
-            restarts: self.restarts,
-            queued: self.queue.len() as u32,
-        }];
+        let mut queued = vec![0u32; self.slots.len()];
+        for job in &self.queue {
+            if let Route::Slot(i) | Route::Wait(i) = self.route(job) {
+                queued[i] += 1;
+            }
+        }
+        *self.shared.workers.lock() = self
+            .slots
+            .iter()
+            .zip(queued)
+            .map(|(s, queued)| WorkerInfo {
+                id: s.device.id.clone(),
+                device: s.device.id.clone(),
+                pid: s.worker.as_ref().map(|w| w.pid),
+                state: match (&s.worker, &s.running) {
+                    (None, _) => if s.start_failures > 0 { WorkerState::Down } else { WorkerState::Starting },
+                    (Some(_), Some(_)) => WorkerState::Busy,
+                    (Some(_), None) => WorkerState::Idle,
+                },
+                restarts: s.restarts,
+                queued,
+                plugins: s.plugins.iter().flatten().map(|p| p.id.clone()).collect(),
+                error: s.error.clone(),
+            })
+            .collect();
     }
+}
+
+/// The devices that get a worker, best first: the CUDA cards (each its own worker, so a
+/// fault on one fails only its job), then the CPU, which is always there.
+fn plan_devices(config: &super::Config) -> Vec<DeviceInfo> {
+    let wants_cuda = config.devices.as_ref().is_none_or(|ids| ids.iter().any(|id| id.starts_with("cuda")));
+    let probe = match (wants_cuda, std::env::current_exe()) {
+        (true, Ok(exe)) => crate::devices::probe_in_child(&exe, Duration::from_secs(20)),
+        (true, Err(e)) => crate::devices::Probe { cuda: Vec::new(), none_because: Some(format!("cannot find tesserad's own executable: {e}")) },
+        (false, _) => crate::devices::Probe::default(),
+    };
+    let mut devices = match &config.devices {
+        None => {
+            if let Some(why) = &probe.none_because {
+                tracing::info!("no CUDA device ({why}): jobs run on the CPU");
+            }
+            let mut all = probe.cuda.clone();
+            all.push(crate::devices::cpu());
+            all
+        }
+        Some(ids) => ids
+            .iter()
+            .map(|id| match (id.as_str(), probe.cuda.iter().find(|d| &d.id == id)) {
+                ("cpu", _) => crate::devices::cpu(),
+                (_, Some(found)) => found.clone(),
+                (_, None) => {
+                    let why = probe.none_because.as_deref().unwrap_or("the driver does not list it");
+                    tracing::warn!("{id} was asked for but not found ({why}); its worker will run no GPU plugin");
+                    DeviceInfo { id: id.clone(), name: format!("{id} (not found: {why})"), memory_bytes: None, compute_capability: None }
+                }
+            })
+            .collect(),
+    };
+    for d in devices.iter().filter(|d| d.id != "cpu") {
+        tracing::info!("{}: {} ({} MiB, compute capability {})", d.id, d.name, d.memory_bytes.unwrap_or(0) >> 20, d.compute_capability.as_deref().unwrap_or("?"));
+    }
+    devices.sort_by_key(|d| d.id == "cpu");
+    devices
 }
 
 /// Waits briefly for a dead child and describes how it ended.

@@ -100,6 +100,7 @@ impl Session {
                 id,
                 plugins: self.shared.plugins(),
                 workers: self.shared.workers.lock().clone(),
+                devices: self.shared.devices.lock().clone(),
             })),
             Request::Alloc { id, layout } => self.alloc(id, layout).map(Some),
             Request::Release { id, buffer } => self
@@ -166,7 +167,8 @@ impl Session {
             daemon: format!("tesserad {}", env!("CARGO_PKG_VERSION")),
             plugins: self.shared.plugins(),
             limits: self.shared.config.limits,
-            capabilities: vec!["shm-file".into(), "progress".into(), "cancel".into()],
+            capabilities: vec!["shm-file".into(), "progress".into(), "cancel".into(), "devices".into()],
+            devices: self.shared.devices.lock().clone(),
         });
         true
     }
@@ -280,6 +282,7 @@ impl Session {
             input: input_spec,
             outputs,
             keep: model.exact_render,
+            device: s.device,
         }));
         Ok(())
     }
@@ -326,6 +329,8 @@ impl Session {
             input: kept.input,
             outputs: vec![output],
             keep: false,
+            // Renders are a decode alone: the best device that runs the plugin.
+            device: None,
         }));
         Ok(())
     }

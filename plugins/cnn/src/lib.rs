@@ -192,7 +192,12 @@ impl Engine for Cnn {
             .and_then(Value::as_str)
             .map(PathBuf::from)
             .ok_or("the host passed no model_store directory")?;
-        Ok(Cnn { store, device: Device::Cpu, loaded: None })
+        // Its convolutions are CPU kernels (Winograd on channels-last activations), so its
+        // description lists the CPU alone and a GPU worker never loads it.
+        match config.get("device").and_then(Value::as_str).unwrap_or("cpu") {
+            "cpu" => Ok(Cnn { store, device: Device::Cpu, loaded: None }),
+            other => Err(format!("the cnn engine runs on the CPU only, not on `{other}`")),
+        }
     }
 
     fn process(&mut self, job: &mut Job<'_>) -> Result<(), EngineError> {

@@ -6,12 +6,14 @@
 //!   bands of rows whose channels-last copies stay within a byte budget.
 //! - [`attention`]: multi-head attention a block of queries at a time, scores kept in cache.
 //! - [`elementwise`]: GroupNorm (+ SiLU) and GEGLU, one pass each, vectorised exponentials.
+//! - [`device`]: the device an engine runs on (`cpu`, `cuda:N`) and what a build supports.
 //! - [`simd`]: `multiversion!`, functions compiled for the CPU's widest vectors and chosen at
 //!   run time.
 
 #[macro_use]
 pub mod simd;
 pub mod attention;
+pub mod device;
 pub mod elementwise;
 pub mod nchw;
 pub mod winograd;

@@ -19,8 +19,12 @@ pub struct Request {
     pub vae_norm: VaeNorm,
 }
 
-/// The default budget: half the memory the machine has free now, at least 1 GiB.
-pub fn default_memory_mb() -> usize {
+/// The default budget: half the memory the device has free now (the card's, or the
+/// machine's for the CPU), at least 1 GiB.
+pub fn default_memory_mb(device: &candle_core::Device) -> usize {
+    if let Some(free) = tessera_kernels::device::free_memory(device) {
+        return ((free / 2) >> 20).max(1024) as usize;
+    }
     let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
     let available_kib = meminfo
         .lines()

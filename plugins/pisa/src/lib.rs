@@ -92,14 +92,16 @@ impl Engine for Pisa {
             "version": env!("CARGO_PKG_VERSION"),
             "name": "PiSA-SR diffusion super-resolution",
             "description": "One-step diffusion super-resolution with adjustable pixel and semantic detail (PiSA-SR on Stable Diffusion 2.1-base).",
-            "models": [describe_model()]
+            "models": [describe_model()],
+            "devices": tessera_kernels::device::kinds(),
         }))
         .expect("static description is valid")
     }
 
     fn create(config: &Value) -> Result<Self, String> {
         let store = config.get("model_store").and_then(Value::as_str).map(PathBuf::from).ok_or("the host passed no model_store directory")?;
-        Ok(Pisa { store, device: Device::Cpu, loaded: None, kept: Default::default() })
+        let device = tessera_kernels::device::open(config.get("device").and_then(Value::as_str).unwrap_or("cpu"))?;
+        Ok(Pisa { store, device, loaded: None, kept: Default::default() })
     }
 
     fn process(&mut self, job: &mut Job<'_>) -> Result<(), EngineError> {
@@ -114,7 +116,7 @@ impl Engine for Pisa {
         let attention_mb = int("attention_mb", 256);
         let request = budget::Request {
             memory_mb: match int("memory_mb", 0) {
-                0 => budget::default_memory_mb(),
+                0 => budget::default_memory_mb(&self.device),
                 mb => mb,
             },
             unet_tile: int("tile", 96).max(16),
