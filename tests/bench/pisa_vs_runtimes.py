@@ -4,6 +4,7 @@ same weights, machine, thread count and run; seconds and peak memory per stage.
     pip install torch diffusers safetensors openvino numpy   # dev-only (torch: any build; it runs on the CPU)
     cargo build --release -p tessera-pisa --example bench
     python3 tests/bench/pisa_vs_runtimes.py [--work DIR] [--threads 2] [--size 128] [--bf16]
+    python3 tests/bench/pisa_vs_runtimes.py --device cuda [--exe BENCH]   # on a card: Tessera, PyTorch f32 and fp16
 
 The UNet and VAE are diffusers' own modules built from SD2.1-base's configs with diffusers'
 random initialisation (seed 0), saved once in diffusers layout (safetensors) with a random
@@ -25,6 +26,12 @@ with AVX512_BF16 or AMX). Each runtime runs in a fresh process; its peak is VmHW
 start of the job (weights loaded, models compiled) to its end, so the weights are in it.
 Tessera's results are compared with PyTorch's (max abs difference) to show that all compute
 the same function.
+
+With `--device cuda` the same job runs on the card (tests/gpu/run.sh): Tessera's GPU build
+(`--exe`, the bench example built with `--features cuda`), PyTorch in f32 and in fp16 (the
+modules cast with `.half()`, as GPU pipelines run them); each runtime runs the job once to warm
+up (kernel loading, cuBLAS's start) and then the timed one; its peak is the card's memory that
+it allocated (PyTorch's max_memory_allocated; Tessera's card memory in use, sampled per step).
 """
 
 import argparse
@@ -136,6 +143,28 @@ class Stages:
         return times, {"z_l": z_l, "eps_full": eps[1:2], "x_full": xs[0]}
 
 
+def child_torch_cuda(args):
+    torch, unet, vae, emb = torch_modules(args.work, args.threads)
+    dtype = torch.float16 if args.child == "torch-cuda-fp16" else torch.float32
+    dev = torch.device("cuda")
+    unet, vae = unet.to(dev, dtype), vae.to(dev, dtype)
+    ctx = emb.repeat(2, 1, 1).to(dev, dtype)
+    on = lambda x: torch.from_numpy(x).to(dev, dtype)
+    back = lambda t: t.float().cpu().numpy()
+    with torch.inference_mode():
+        stages = Stages(lambda x: back(vae.encode(on(x)).latent_dist.mean),
+                        lambda z: back(unet(on(z), 1, encoder_hidden_states=ctx).sample),
+                        lambda z: back(vae.decode(on(z)).sample))
+        stages.job(args.size)  # warm-up
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        times, out = stages.job(args.size)
+        times["peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
+    if dtype == torch.float32:
+        np.savez(os.path.join(args.work, "torch_out.npz"), **out)
+    return times
+
+
 def child_torch(args):
     torch, unet, vae, emb = torch_modules(args.work, args.threads)
     ctx = emb.repeat(2, 1, 1)
@@ -204,17 +233,21 @@ def run_child(args, which):
 
 
 def run_tessera(args):
-    exe = os.path.join(os.environ.get("CARGO_TARGET_DIR", os.path.join(ROOT, "target")), "release", "examples", "bench")
+    exe = args.exe or os.path.join(os.environ.get("CARGO_TARGET_DIR", os.path.join(ROOT, "target")), "release", "examples", "bench")
     if not os.path.isfile(exe):
         raise SystemExit("build it first: cargo build --release -p tessera-pisa --example bench")
     save = os.path.join(args.work, "tessera_out.safetensors")
     env = dict(os.environ, RAYON_NUM_THREADS=str(args.threads))
-    r = subprocess.run([exe, str(args.size), str(args.size), "--weights", args.work, "--save", save, "--json"],
+    extra = ["--device", "cuda:0", "--warm"] if args.device == "cuda" else []
+    r = subprocess.run([exe, str(args.size), str(args.size), "--weights", args.work, "--save", save, "--json"] + extra,
                        capture_output=True, text=True, env=env)
     if r.returncode:
         raise SystemExit("the Tessera bench failed:\n" + r.stderr[-3000:])
     line = next(l for l in r.stdout.splitlines() if l.startswith("json: "))
-    return json.loads(line[len("json: "):])
+    figures = json.loads(line[len("json: "):])
+    if args.device == "cuda":
+        figures["peak_mib"] = figures["card_peak_mib"]
+    return figures
 
 
 def compare(work):
@@ -230,14 +263,25 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--size", type=int, default=128, help="input side in pixels (output is 4×)")
     ap.add_argument("--bf16", action="store_true", help="also OpenVINO with its bf16 inference hint")
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="cuda: Tessera and PyTorch (f32, fp16) on the card")
+    ap.add_argument("--exe", help="Tessera's bench example [default: target/release/examples/bench]")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        fn = {"torch": child_torch, "convert": child_convert, "openvino": child_openvino, "openvino-bf16": child_openvino}[args.child]
+        fn = {"torch": child_torch, "convert": child_convert, "openvino": child_openvino, "openvino-bf16": child_openvino,
+              "torch-cuda": child_torch_cuda, "torch-cuda-fp16": child_torch_cuda}[args.child]
         print(json.dumps(fn(args)))
         return
     os.makedirs(args.work, exist_ok=True)
     make_weights(args.work)
+    if args.device == "cuda":
+        import torch
+        version = torch.__version__.split("+")[0]
+        rows = {"Tessera (f32)": run_tessera(args),
+                "PyTorch %s (f32)" % version: run_child(args, "torch-cuda"),
+                "PyTorch %s (fp16)" % version: run_child(args, "torch-cuda-fp16")}
+        table(args, rows, "on %s" % torch.cuda.get_device_name(0), "card memory allocated during the job")
+        return
     if not os.path.isfile(os.path.join(args.work, "ov", "decoder.xml")):
         run_child(args, "convert")
     import openvino
@@ -247,8 +291,12 @@ def main():
             "OpenVINO %s (f32)" % openvino.__version__.split("-")[0]: run_child(args, "openvino")}
     if args.bf16:
         rows["OpenVINO %s (bf16 hint)" % openvino.__version__.split("-")[0]] = run_child(args, "openvino-bf16")
+    table(args, rows, "%d threads" % args.threads, "peak RSS during the job")
+
+
+def table(args, rows, where, peak_label):
     n = 4 * args.size
-    print("\nPiSA-SR stages at SD2.1-base size, %d² → %d², %d threads, same weights, same run" % (args.size, n, args.threads))
+    print("\nPiSA-SR stages at SD2.1-base size, %d² → %d², %s, same weights, same run" % (args.size, n, where))
     stages = [("encode", "VAE encode %d²" % n), ("unet", "UNet, batch of 2 at %d² latent" % (n // 8)),
               ("decode", "VAE decode %d² latent" % (n // 8)), ("job", "layered job %d² → %d²" % (args.size, n))]
     names = list(rows)
@@ -256,9 +304,9 @@ def main():
     print("|---|" + "---:|" * (len(names) + 1))
     for key, label in stages:
         others = [rows[k][key] for k in names[1:] if "bf16" not in k]
-        print("| %s | %s | %.2f |" % (label, " | ".join("%.2f s" % rows[k][key] for k in names), rows[names[0]][key] / min(others)))
+        print("| %s | %s | %.2f |" % (label, " | ".join("%.3f s" % rows[k][key] for k in names), rows[names[0]][key] / min(others)))
     others = [rows[k]["peak_mib"] for k in names[1:] if "bf16" not in k]
-    print("| peak RSS during the job | %s | %.2f |" % (" | ".join("%.0f MiB" % rows[k]["peak_mib"] for k in names),
+    print("| %s | %s | %.2f |" % (peak_label, " | ".join("%.0f MiB" % rows[k]["peak_mib"] for k in names),
                                                     rows[names[0]]["peak_mib"] / min(others)))
     print("\nTessera against PyTorch, max abs difference: " + ", ".join("%s %.2e" % kv for kv in compare(args.work).items()))
 

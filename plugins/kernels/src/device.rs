@@ -30,15 +30,20 @@ pub fn open(spec: &str) -> Result<Device, String> {
     Device::new_cuda(ordinal).map_err(|e| format!("cannot open CUDA device {ordinal}: {e}"))
 }
 
-/// The free memory of `device` in bytes, where the device can tell (a CUDA card); `None` for
-/// the CPU, whose free memory the caller reads from the system.
-pub fn free_memory(device: &Device) -> Option<u64> {
+/// The free and total memory of `device` in bytes, where the device can tell (a CUDA card);
+/// `None` for the CPU, whose memory the caller reads from the system.
+pub fn memory(device: &Device) -> Option<(u64, u64)> {
     #[cfg(feature = "cuda")]
     if let Ok(cuda) = device.as_cuda_device() {
-        return cuda.cuda_stream().context().mem_get_info().ok().map(|(free, _)| free as u64);
+        return cuda.cuda_stream().context().mem_get_info().ok().map(|(free, total)| (free as u64, total as u64));
     }
     let _ = device;
     None
+}
+
+/// The free memory of `device` in bytes (see [`memory`]).
+pub fn free_memory(device: &Device) -> Option<u64> {
+    memory(device).map(|(free, _)| free)
 }
 
 #[cfg(test)]
@@ -55,6 +60,10 @@ mod tests {
             assert!(open("cuda:0").unwrap_err().contains("no CUDA support"));
         } else {
             assert_eq!(kinds(), ["cpu", "cuda"]);
+            // Without a card (CI's GPU build beside the driver stub) the error says which device.
+            if let Err(e) = open("cuda:0") {
+                assert!(e.contains("cannot open CUDA device 0"), "{e}");
+            }
         }
         assert_eq!(free_memory(&Device::Cpu), None);
     }

@@ -4,7 +4,7 @@
 //! shapes, not their values), and the pipeline runs as a job does.
 //!
 //! cargo run --release -p tessera-pisa --example bench -- [WIDTH HEIGHT] [--default] [--memory-mb N [--vae-norm estimate|exact]]
-//!     [--weights DIR [--save FILE]] [--json] [--im2col]
+//!     [--weights DIR [--save FILE]] [--json] [--im2col] [--device cuda:0 [--warm]]
 //! (input size in pixels, default 128 128: a 512×512 result)
 //!
 //! `--weights DIR` takes the UNet and VAE from a diffusers-layout folder (`unet/` and `vae/`,
@@ -13,7 +13,10 @@
 //! writes them for every runtime; the LoRA is then rank 4 with B = 0, so it costs what a real one
 //! does and changes nothing, and the results equal the plain networks'. `--save FILE` writes
 //! `z_l`, `eps_full` and `x_full` (decoded at λ = (1, 1), before the colour fix) for comparison,
-//! `--json` a last line of figures.
+//! `--json` a last line of figures. `--device` runs it on a CUDA card (a build with the `cuda`
+//! feature): each stage ends with the card synchronised, and the peak is the card's memory in
+//! use at its fullest step (free memory sampled after each step) besides the process's RSS;
+//! `--warm` runs the job once untimed first (kernel loading, cuBLAS's start).
 
 use std::collections::HashMap;
 use std::time::Instant;
@@ -42,8 +45,8 @@ const VAE: &str = r#"{"act_fn": "silu", "block_out_channels": [128, 256, 512, 51
 
 /// Random weights for every tensor `build` asks for: each missing tensor is made with the shape
 /// the error names (N(0, 1/fan_in); norms' scales 1) until the network builds.
-fn random_weights<T>(build: impl Fn(&Weights) -> Result<T, ModelError>) -> (Weights, T) {
-    let dev = Device::Cpu;
+fn random_weights<T>(dev: &Device, build: impl Fn(&Weights) -> Result<T, ModelError>) -> (Weights, T) {
+    let dev = dev.clone();
     let mut tensors: HashMap<String, Tensor> = HashMap::new();
     loop {
         let w = Weights::new("random", tensors.clone());
@@ -71,8 +74,8 @@ fn rss_mib(field: &str) -> f64 {
 }
 
 /// The folder's networks (its own configs) and embedding.
-fn load_folder(dir: &std::path::Path) -> (UNetConfig, Weights, Vae, Tensor) {
-    let dev = Device::Cpu;
+fn load_folder(dir: &std::path::Path, dev: &Device) -> (UNetConfig, Weights, Vae, Tensor) {
+    let dev = dev.clone();
     let config = |net: &str| std::fs::read_to_string(dir.join(net).join("config.json")).unwrap_or_else(|e| panic!("{}/{net}/config.json: {e}", dir.display()));
     let unet_cfg: UNetConfig = serde_json::from_str(&config("unet")).expect("unet/config.json");
     let vae_cfg: VaeConfig = serde_json::from_str(&config("vae")).expect("vae/config.json");
@@ -94,15 +97,15 @@ fn main() {
     let json = args.iter().any(|a| a == "--json");
     let nums: Vec<usize> = args.iter().filter(|a| !a.starts_with("--")).filter(|a| Some(*a) != flag("--memory-mb").as_ref()).filter_map(|a| a.parse().ok()).collect();
     let (w, h) = (nums.first().copied().unwrap_or(128), nums.get(1).copied().unwrap_or(128));
-    let dev = Device::Cpu;
+    let dev = tessera_kernels::device::open(&flag("--device").unwrap_or_else(|| "cpu".into())).unwrap_or_else(|e| panic!("{e}"));
     let t = Instant::now();
     let (unet_cfg, unet_w, vae, embedding) = match &weights_dir {
-        Some(dir) => load_folder(dir),
+        Some(dir) => load_folder(dir, &dev),
         None => {
             let unet_cfg: UNetConfig = serde_json::from_str(UNET).unwrap();
             let vae_cfg: VaeConfig = serde_json::from_str(VAE).unwrap();
-            let (unet_w, _) = random_weights(|w| UNet::load(&w.root(), None, &unet_cfg));
-            let (_, vae) = random_weights(|w| Vae::load(&w.root(), &vae_cfg));
+            let (unet_w, _) = random_weights(&dev, |w| UNet::load(&w.root(), None, &unet_cfg));
+            let (_, vae) = random_weights(&dev, |w| Vae::load(&w.root(), &vae_cfg));
             (unet_cfg, unet_w, vae, Tensor::randn(0f32, 1.0, (1, 77, 1024), &dev).unwrap())
         }
     };
@@ -142,24 +145,41 @@ fn main() {
     let pipe = Pipeline { model: &model, ctx, tiling };
     let (enc_steps, unet_steps, dec_steps) = pipe.tiling.steps(&model.vae, ow, oh);
     println!("steps: encode {enc_steps}, UNet {unet_steps}, decode {dec_steps}");
+    // A card's memory in use at its fullest sampled step (its free memory after each step).
+    let card_used = |dev: &Device| tessera_kernels::device::memory(dev).map(|(free, total)| (total - free) as f64 / 1048576.0);
+    let card_peak = std::cell::Cell::new(card_used(&dev).unwrap_or(0.0));
     // Large layers take hours here: each step's time on stderr tells how far a run has got.
     let progress = |total: usize| {
         let (start, mut done) = (Instant::now(), 0usize);
+        let (dev, card_peak) = (&dev, &card_peak);
         move |stage: &'static str| {
             done += 1;
             let t = start.elapsed().as_secs_f64();
+            if let Some(used) = card_used(dev) {
+                card_peak.set(card_peak.get().max(used));
+            }
             eprintln!("  {stage} {done}/{total} at {t:.0} s (RSS {:.0} MiB, peak so far {:.0} MiB)", rss_mib("VmRSS:"), rss_mib("VmHWM:"));
             Ok(())
         }
     };
+    let sync = || dev.synchronize().expect("synchronise the device");
+    if args.iter().any(|a| a == "--warm") {
+        let quiet = &mut |_: &'static str| Ok(());
+        let z_l = pipe.encode(&bicubic, quiet).unwrap();
+        let (eps_pix, eps_full) = pipe.predict(&z_l, adjustable, quiet).unwrap();
+        pipe.render(&Latents { width: ow, height: oh, z_l, eps_pix, eps_full }, 1.0, 1.0, ColourFix::None, &bicubic, quiet).unwrap();
+        card_peak.set(card_used(&dev).unwrap_or(0.0));
+    }
     // The job's own peak: the high-water mark restarts from here (Linux: clear_refs 5).
     let _ = std::fs::write("/proc/self/clear_refs", "5");
     let before = rss_mib("VmRSS:");
     let t = Instant::now();
     let z_l = pipe.encode(&bicubic, &mut progress(enc_steps)).unwrap();
+    sync();
     let encode = t.elapsed().as_secs_f64();
     let t = Instant::now();
     let (eps_pix, eps_full) = pipe.predict(&z_l, adjustable, &mut progress(unet_steps)).unwrap();
+    sync();
     let unet_s = t.elapsed().as_secs_f64();
     let latents = Latents { width: ow, height: oh, z_l, eps_pix, eps_full };
     let t = Instant::now();
@@ -171,7 +191,8 @@ fn main() {
     let fix = t.elapsed().as_secs_f64();
     let decodes = if adjustable { 2.0 } else { 1.0 };
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-    println!("pisa {w}×{h} → {ow}×{oh}, {} mode, {threads} threads, f32 CPU", if adjustable { "adjustable (UNet batch of 2)" } else { "default (one pass)" });
+    let on = if dev.is_cpu() { format!("{threads} threads, f32 CPU") } else { format!("f32 on {}", flag("--device").unwrap_or_default()) };
+    println!("pisa {w}×{h} → {ow}×{oh}, {} mode, {on}", if adjustable { "adjustable (UNet batch of 2)" } else { "default (one pass)" });
     println!("  encode      {encode:8.2} s");
     println!("  unet        {unet_s:8.2} s");
     println!("  decode      {decode:8.2} s  (×{decodes} per job: x_full and x_pix; an exact render is one)");
@@ -179,6 +200,9 @@ fn main() {
     println!("  job total   {:8.2} s", encode + unet_s + decodes * decode + decodes * fix);
     let peak = rss_mib("VmHWM:");
     println!("  peak RSS    {peak:8.0} MiB ({before:.0} MiB before the job: weights; the job's own {:.0} MiB)", peak - before);
+    if !dev.is_cpu() {
+        println!("  card peak   {:8.0} MiB in use (sampled after each step)", card_peak.get());
+    }
     if let (Some(path), Some(x_raw)) = (save, x_raw) {
         let x_full = Tensor::from_vec(x_raw, (1, 3, oh, ow), &dev).unwrap();
         let out: HashMap<String, Tensor> =
@@ -187,8 +211,9 @@ fn main() {
     }
     if json {
         println!(
-            "json: {{\"encode\": {encode:.3}, \"unet\": {unet_s:.3}, \"decode\": {decode:.3}, \"job\": {:.3}, \"peak_mib\": {peak:.0}}}",
-            encode + unet_s + decodes * decode + decodes * fix
+            "json: {{\"encode\": {encode:.3}, \"unet\": {unet_s:.3}, \"decode\": {decode:.3}, \"job\": {:.3}, \"peak_mib\": {peak:.0}, \"card_peak_mib\": {:.0}}}",
+            encode + unet_s + decodes * decode + decodes * fix,
+            card_peak.get()
         );
     }
 }

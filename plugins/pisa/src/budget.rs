@@ -34,6 +34,19 @@ pub fn default_memory_mb(device: &candle_core::Device) -> usize {
     ((available_kib / 2) >> 10).max(1024)
 }
 
+/// The smallest budget a job that ran out of device memory is retried with.
+pub const MIN_RETRY_MB: usize = 256;
+
+/// The request to retry a job with after `error`: half the budget (so smaller tiles) when the
+/// error is the device running out of memory (CUDA's, cuBLAS's) and the half is not below
+/// [`MIN_RETRY_MB`]; `None` for any other error.
+pub fn after_out_of_memory(r: &Request, error: &str) -> Option<Request> {
+    let oom = ["OUT_OF_MEMORY", "out of memory", "ALLOC_FAILED"].iter().any(|s| error.contains(s));
+    let half = r.memory_mb / 2;
+    // Fixed tile sizes are the user's; a retry leaves the budget to choose.
+    (oom && half >= MIN_RETRY_MB).then(|| Request { memory_mb: half, vae_tile: 0, ..r.clone() })
+}
+
 /// Peak bytes of the UNet over a latent window `h × w` at `batch`, besides the weights: the
 /// largest level's activations (the transformer's GEGLU holds 8 channels' worth per channel),
 /// the skip connections every level keeps for the way up, and the attention and convolution
@@ -131,4 +144,23 @@ pub fn settle(unet: &UNetConfig, vae: &VaeConfig, width: usize, height: usize, r
     let scratch = ctx.attention_bytes * 2 + ctx.conv_bytes * 2;
     let tiling = plan(unet, vae, width, height, r, scratch);
     (ctx, tiling)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(memory_mb: usize) -> Request {
+        Request { memory_mb, unet_tile: 96, unet_overlap: 32, vae_tile: 40, vae_norm: VaeNorm::Estimate(1) }
+    }
+
+    #[test]
+    fn out_of_device_memory_halves_the_budget_down_to_a_floor() {
+        let oom = "DriverError(CUDA_ERROR_OUT_OF_MEMORY, \"out of memory\")";
+        let smaller = after_out_of_memory(&request(4096), oom).unwrap();
+        assert_eq!((smaller.memory_mb, smaller.vae_tile, smaller.unet_tile), (2048, 0, 96));
+        assert_eq!(after_out_of_memory(&request(4096), "cuBLAS: CUBLAS_STATUS_ALLOC_FAILED").unwrap().memory_mb, 2048);
+        assert!(after_out_of_memory(&request(2 * MIN_RETRY_MB - 1), oom).is_none());
+        assert!(after_out_of_memory(&request(4096), "shape mismatch in matmul").is_none());
+    }
 }

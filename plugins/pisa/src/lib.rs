@@ -135,12 +135,34 @@ impl Engine for Pisa {
                 .map_err(|e| EngineError::Failed(format!("cannot load the PiSA-SR model `{}` from {}: {e}; import it again (`{IMPORT_COMMAND}`)", job.model, dir.display())))?;
             self.loaded = Some((job.model.clone(), model));
         }
+        // A tile pass that runs out of device memory (a GPU's: the CPU's allocator aborts
+        // instead) runs again with half the budget, so smaller tiles, before the job fails.
+        let (mut request, mut attention_mb) = (request, attention_mb);
+        loop {
+            match self.run(job, &request, attention_mb, adjustable, fix) {
+                Err(EngineError::Failed(why)) => match budget::after_out_of_memory(&request, &why) {
+                    Some(smaller) => {
+                        let say = format!("out of device memory with a {} MiB budget ({why}); retrying with {} MiB", request.memory_mb, smaller.memory_mb);
+                        job.calls.log(tessera_plugin_abi::ffi::LOG_WARN, &say);
+                        (request, attention_mb) = (smaller, (attention_mb / 2).max(1));
+                    }
+                    None => return Err(EngineError::Failed(why)),
+                },
+                other => return other,
+            }
+        }
+    }
+}
+
+impl Pisa {
+    /// The job's passes with the tiles `request` settles on.
+    fn run(&mut self, job: &mut Job<'_>, request: &budget::Request, attention_mb: usize, adjustable: bool, fix: ColourFix) -> Result<(), EngineError> {
         let (_, model) = self.loaded.as_ref().expect("loaded above");
         let render = RenderRequest::from_params(&job.params)?;
 
         let base = base_image(job);
         let bicubic = base.rgb();
-        let (ctx, tiling) = budget::settle(&model.unet.config, &model.vae.config, bicubic.width, bicubic.height, &request, attention_mb);
+        let (ctx, tiling) = budget::settle(&model.unet.config, &model.vae.config, bicubic.width, bicubic.height, request, attention_mb);
         let pipe = Pipeline { model, ctx, tiling };
         // An exact render starts from the job's kept latents; a job, or a render whose
         // latents are gone (or lack ε_pix), runs the encoder and the UNet.

@@ -6,8 +6,26 @@ use std::path::{Path, PathBuf};
 use candle_core::{Device, Tensor};
 use tessera_pisa::pipeline::Planes;
 
+/// `tests/fixtures/pisa`; `TESSERA_PISA_FIXTURES` where the test binary runs on another
+/// machine than it was built on (tests/gpu/run.sh).
 pub fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/pisa")
+    match std::env::var_os("TESSERA_PISA_FIXTURES") {
+        Some(dir) => PathBuf::from(dir),
+        None => Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/pisa"),
+    }
+}
+
+/// The device the tests run the networks on: `TESSERA_TEST_DEVICE` (`cuda:0` in
+/// tests/gpu/run.sh, with a build that has the `cuda` feature), else the CPU.
+pub fn device() -> Device {
+    let spec = std::env::var("TESSERA_TEST_DEVICE").unwrap_or_else(|_| "cpu".into());
+    tessera_kernels::device::open(&spec).unwrap()
+}
+
+/// A parity bound on the test device: the CPU's as measured; on a GPU 4× (other summation
+/// orders in cuBLAS and the reductions, in f32 throughout).
+pub fn bound(cpu: f32) -> f32 {
+    if device().is_cpu() { cpu } else { 4.0 * cpu }
 }
 
 pub fn planes_tensor(p: &Planes) -> Tensor {
@@ -28,7 +46,7 @@ pub fn import_into(dir: &Path) {
 pub fn model(name: &str) -> tessera_pisa_model::store::PisaModel {
     let dir = std::env::temp_dir().join(format!("tessera-pisa-{name}-{}", std::process::id()));
     import_into(&dir);
-    let m = tessera_pisa_model::store::PisaModel::load(&dir, &Device::Cpu).unwrap();
+    let m = tessera_pisa_model::store::PisaModel::load(&dir, &device()).unwrap();
     std::fs::remove_dir_all(&dir).unwrap();
     m
 }
