@@ -6,11 +6,14 @@
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Mutex;
 
+use std::sync::Arc;
+
 use candle_core::{DType, Tensor, D};
+use tessera_kernels::bf16::{self, Bf16Matrix};
 
 use crate::error::{ModelError, Result};
 pub use crate::norm::GroupNorm;
-use crate::weights::Vb;
+use crate::weights::{Precision, Vb};
 
 /// What a forward pass needs besides its input.
 #[derive(Clone, Debug)]
@@ -134,11 +137,57 @@ impl LoraPlan {
     }
 }
 
+/// A layer's weight matrix as its products use it.
+#[derive(Clone, Debug)]
+enum Matrix {
+    /// On the model's device in f32, or in bf16 on a GPU (products in bf16, results f32).
+    Tensor(Tensor),
+    /// bf16 packed for the CPU's bf16 kernels: `[out, in · k²]` (PyTorch's layout, flattened).
+    Packed(Arc<Bf16Matrix>),
+}
+
+impl Matrix {
+    fn keep(w: Tensor, precision: Precision) -> Result<Matrix> {
+        Ok(match precision {
+            Precision::F32 => Matrix::Tensor(w),
+            Precision::Bf16 if w.device().is_cpu() => {
+                let n = w.dim(0)?;
+                let k = w.elem_count() / n.max(1);
+                Matrix::Packed(Arc::new(Bf16Matrix::from_rows(&w.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?, n, k)))
+            }
+            Precision::Bf16 => Matrix::Tensor(w.to_dtype(DType::BF16)?),
+        })
+    }
+
+    /// The weights as f32 values in PyTorch's layout, flattened (the bf16 values, exactly).
+    fn to_f32(&self) -> candle_core::Result<Vec<f32>> {
+        match self {
+            Matrix::Tensor(w) => w.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>(),
+            Matrix::Packed(w) => Ok(w.to_rows()),
+        }
+    }
+}
+
+/// `x` in `like`'s dtype, the product's result back in f32 (no-ops in f32 precision).
+fn as_dtype_of(x: &Tensor, like: &Tensor) -> candle_core::Result<Tensor> {
+    x.to_dtype(like.dtype())
+}
+
+/// A bias kept as host values too, for the CPU's packed products.
+fn host_bias(b: &Option<Tensor>, w: &Matrix) -> Result<Option<Vec<f32>>> {
+    Ok(match (b, w) {
+        (Some(b), Matrix::Packed(_)) => Some(b.to_dtype(DType::F32)?.to_vec1::<f32>()?),
+        _ => None,
+    })
+}
+
 /// `x·Wᵀ + b`, plus the run-time adapter's `s·B·A·x` scaled per batch item.
 #[derive(Clone, Debug)]
 pub struct Linear {
-    w: Tensor,
+    w: Matrix,
+    outputs: usize,
     b: Option<Tensor>,
+    b_host: Option<Vec<f32>>,
     lora: Option<Adapter>,
 }
 
@@ -150,7 +199,9 @@ impl Linear {
             Some(plan) => plan.adapt(vb.prefix(), w)?,
             None => (w, None),
         };
-        Ok(Linear { w, b, lora })
+        let w = Matrix::keep(w, vb.precision())?;
+        let b_host = host_bias(&b, &w)?;
+        Ok(Linear { w, outputs: output, b, b_host, lora })
     }
 
     /// `x`: `[batch, …, in]`.
@@ -159,10 +210,19 @@ impl Linear {
         let input = *dims.last().expect("rank ≥ 1");
         let rows = x.elem_count() / input;
         let x2 = x.reshape((rows, input))?;
-        let mut y = x2.matmul(&self.w.t()?)?;
-        if let Some(b) = &self.b {
-            y = y.broadcast_add(b)?;
-        }
+        let mut y = match &self.w {
+            Matrix::Tensor(w) => {
+                let y = as_dtype_of(&x2, w)?.matmul(&w.t()?)?.to_dtype(x.dtype())?;
+                match &self.b {
+                    Some(b) => y.broadcast_add(b)?,
+                    None => y,
+                }
+            }
+            Matrix::Packed(w) => {
+                let y = tessera_kernels::winograd::with_slice(&x2, |xs| bf16::matmul(xs, rows, w, self.b_host.as_deref()))?;
+                Tensor::from_vec(y, (rows, self.outputs), x.device())?
+            }
+        };
         if let (Some(ad), Some(scales)) = (&self.lora, &ctx.lora) {
             let batch = dims[0];
             let extra = x2.matmul(&ad.a.t()?)?.matmul(&ad.b.t()?)?;
@@ -170,7 +230,7 @@ impl Linear {
             y = (y.reshape((batch, rows / batch, ()))? + extra)?;
         }
         let mut out_dims = dims;
-        *out_dims.last_mut().expect("rank ≥ 1") = self.w.dim(0)?;
+        *out_dims.last_mut().expect("rank ≥ 1") = self.outputs;
         y.reshape(out_dims)
     }
 }
@@ -178,8 +238,11 @@ impl Linear {
 /// A 2-D convolution (PyTorch OIHW weight), LoRA-aware like [`Linear`].
 #[derive(Clone, Debug)]
 pub struct Conv2d {
-    w: Tensor,
+    w: Matrix,
+    /// `[out, in, k, k]`.
+    shape: [usize; 4],
     b: Option<Tensor>,
+    b_host: Option<Vec<f32>>,
     stride: usize,
     padding: usize,
     lora: Option<Adapter>,
@@ -194,19 +257,24 @@ impl Conv2d {
             Some(plan) => plan.adapt(vb.prefix(), w)?,
             None => (w, None),
         };
-        Ok(Conv2d { w, b, stride, padding, lora })
+        let w = Matrix::keep(w, vb.precision())?;
+        let b_host = host_bias(&b, &w)?;
+        Ok(Conv2d { w, shape: [output, input, kernel, kernel], b, b_host, stride, padding, lora })
     }
 
     pub fn forward(&self, x: &Tensor, ctx: &Ctx) -> candle_core::Result<Tensor> {
         let mut y = match self.winograd_conv(x, ctx)? {
             Some(y) => y,
-            None => {
-                let y = banded_conv(x, &self.w, self.padding, self.stride, ctx.conv_bytes)?;
-                match &self.b {
-                    Some(b) => y.broadcast_add(&b.reshape((1, (), 1, 1))?)?,
-                    None => y,
+            None => match &self.w {
+                Matrix::Tensor(w) => {
+                    let y = banded_conv(&as_dtype_of(x, w)?, w, self.padding, self.stride, ctx.conv_bytes)?.to_dtype(x.dtype())?;
+                    match &self.b {
+                        Some(b) => y.broadcast_add(&b.reshape((1, (), 1, 1))?)?,
+                        None => y,
+                    }
                 }
-            }
+                Matrix::Packed(w) => self.packed_conv(x, w, ctx)?,
+            },
         };
         if let (Some(ad), Some(scales)) = (&self.lora, &ctx.lora) {
             let batch = x.dim(0)?;
@@ -214,6 +282,33 @@ impl Conv2d {
             y = (y + extra.broadcast_mul(&(scales * ad.scale)?.reshape((batch, 1, 1, 1))?)?)?;
         }
         Ok(y)
+    }
+
+    /// The convolution by the CPU's bf16 products (im2col in bands of `ctx.conv_bytes`).
+    fn packed_conv(&self, x: &Tensor, w: &Bf16Matrix, ctx: &Ctx) -> candle_core::Result<Tensor> {
+        let (batch, c, h, wd) = x.dims4()?;
+        let [o, _, k, _] = self.shape;
+        if h + 2 * self.padding < k || wd + 2 * self.padding < k {
+            candle_core::bail!("a {k}×{k} convolution on a {h}×{wd} input");
+        }
+        let shape = bf16::ConvShape { channels: c, height: h, width: wd, kernel: k, stride: self.stride, padding: self.padding };
+        let (ho, wo) = shape.output();
+        let zeros;
+        let bias = match &self.b_host {
+            Some(b) => b.as_slice(),
+            None => {
+                zeros = vec![0f32; o];
+                &zeros
+            }
+        };
+        let out = tessera_kernels::winograd::with_slice(x, |xs| {
+            let mut out = Vec::with_capacity(batch * o * ho * wo);
+            for item in xs.chunks(c * h * wd) {
+                out.extend(bf16::conv2d(item, shape, w, bias, ctx.conv_bytes));
+            }
+            out
+        })?;
+        Tensor::from_vec(out, (batch, o, ho, wo), x.device())
     }
 }
 
@@ -224,7 +319,7 @@ impl Conv2d {
     /// against the products; `None` for the rest.
     fn winograd_conv(&self, x: &Tensor, ctx: &Ctx) -> candle_core::Result<Option<Tensor>> {
         let (batch, c, h, w) = x.dims4()?;
-        let (o, _, k, _) = self.w.dims4()?;
+        let [o, _, k, _] = self.shape;
         if !ctx.winograd || k != 3 || self.stride != 1 || self.padding != 1 || h * w < WINOGRAD_MIN_PIXELS || !x.device().is_cpu() || x.dtype() != DType::F32 {
             return Ok(None);
         }
@@ -232,7 +327,7 @@ impl Conv2d {
             Some(b) => b.to_dtype(DType::F32)?.to_vec1::<f32>()?,
             None => vec![0.0; o],
         };
-        let conv = tessera_kernels::winograd::Winograd::f4_from_oihw(&self.w.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?, bias, o, c);
+        let conv = tessera_kernels::winograd::Winograd::f4_from_oihw(&self.w.to_f32()?, bias, o, c);
         let x = x.contiguous()?;
         let out = tessera_kernels::winograd::with_slice(&x, |xs| {
             let mut out = Vec::with_capacity(batch * o * h * w);

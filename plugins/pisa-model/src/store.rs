@@ -14,7 +14,7 @@ use crate::error::{ModelError, Result};
 use crate::nn::LoraPlan;
 use crate::unet::UNet;
 use crate::vae::{self, Vae};
-use crate::weights::Weights;
+use crate::weights::{Precision, Weights};
 
 pub const UNET_CONFIG: &str = "unet.json";
 pub const UNET: &str = "unet.safetensors";
@@ -85,16 +85,17 @@ pub struct PisaModel {
 }
 
 impl PisaModel {
-    /// Loads an imported model from its store directory (files already verified).
-    pub fn load(dir: &Path, device: &Device) -> Result<PisaModel> {
+    /// Loads an imported model from its store directory (files already verified), its
+    /// layers' weights kept in `precision`.
+    pub fn load(dir: &Path, device: &Device, precision: Precision) -> Result<PisaModel> {
         let text = |name: &str| std::fs::read_to_string(dir.join(name)).map_err(|e| ModelError::File { path: dir.join(name), why: e.to_string() });
         let unet_config: UNetConfig = config::parse_unet(&text(UNET_CONFIG)?, &dir.join(UNET_CONFIG))?;
         let vae_config: VaeConfig = config::parse_vae(&text(VAE_CONFIG)?, &dir.join(VAE_CONFIG))?;
         let lora = read_lora(&dir.join(LORA), device)?;
-        let unet_weights = Weights::read(&dir.join(UNET), device)?;
+        let unet_weights = Weights::read(&dir.join(UNET), device)?.with_precision(precision);
         let unet = build_unet(&unet_weights, &unet_config, lora)?;
         drop(unet_weights);
-        let mut vae_weights = Weights::read(&dir.join(VAE), device)?;
+        let mut vae_weights = Weights::read(&dir.join(VAE), device)?.with_precision(precision);
         vae::rename_legacy_attention(&mut vae_weights);
         let vae = Vae::load(&vae_weights.root(), &vae_config)?;
         let emb = Weights::read(&dir.join(EMBEDDING), device)?;

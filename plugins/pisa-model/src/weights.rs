@@ -10,16 +10,53 @@ use candle_core::{DType, Device, Tensor};
 
 use crate::error::{ModelError, Result};
 
+/// How the layers built from a [`Weights`] keep their weight matrices and run their products.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum Precision {
+    /// f32 weights and products: the reference's numbers to float rounding.
+    #[default]
+    F32,
+    /// Linear and convolution weights in bf16 (half the memory), products of bf16 factors
+    /// summed in f32: on the CPU by AMX or AVX512_BF16 where it has them
+    /// (`tessera_kernels::bf16`), on a GPU by the device's bf16 kernels. Norms, attention
+    /// scores and everything between the layers stay f32.
+    Bf16,
+}
+
+impl Precision {
+    pub fn parse(name: &str) -> Option<Precision> {
+        match name {
+            "f32" => Some(Precision::F32),
+            "bf16" => Some(Precision::Bf16),
+            _ => None,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Precision::F32 => "f32",
+            Precision::Bf16 => "bf16",
+        }
+    }
+}
+
 pub struct Weights {
     /// The file the tensors came from, for errors.
     pub file: String,
     tensors: HashMap<String, Tensor>,
     used: Mutex<BTreeSet<String>>,
+    precision: Precision,
 }
 
 impl Weights {
     pub fn new(file: impl Into<String>, tensors: HashMap<String, Tensor>) -> Weights {
-        Weights { file: file.into(), tensors, used: Mutex::new(BTreeSet::new()) }
+        Weights { file: file.into(), tensors, used: Mutex::new(BTreeSet::new()), precision: Precision::F32 }
+    }
+
+    /// The same weights, for layers that keep them in `precision`.
+    pub fn with_precision(mut self, precision: Precision) -> Weights {
+        self.precision = precision;
+        self
     }
 
     /// Reads a safetensors file or a PyTorch pickle (`.bin`, `.pt`, `.pth`, `.ckpt`), every
@@ -114,6 +151,11 @@ impl<'a> Vb<'a> {
 
     pub fn prefix(&self) -> &str {
         &self.prefix
+    }
+
+    /// The precision layers built here keep their weights in.
+    pub fn precision(&self) -> Precision {
+        self.weights.precision
     }
 
     pub fn contains(&self, name: &str) -> bool {

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{Device, Tensor};
 use tessera_pisa_model::nn::Ctx;
 use tessera_pisa_model::store::PisaModel;
-use tessera_pisa_model::weights::Weights;
+use tessera_pisa_model::weights::{Precision, Weights};
 use tessera_pisa_model::{config, import, unet::UNet};
 
 fn fixtures() -> PathBuf {
@@ -34,44 +34,76 @@ fn imported(name: &str) -> PathBuf {
     dir
 }
 
-#[test]
-fn networks_match_pytorch() {
+/// Each network's output against PyTorch's: (name, max |Δ|, max |reference|).
+fn networks_against_pytorch(precision: Precision) -> Vec<(&'static str, f32, f32)> {
     let r = reference();
-    let dir = imported("networks");
+    let dir = imported(precision.name());
     let dev = Device::Cpu;
-    let model = PisaModel::load(&dir, &dev).unwrap();
+    let model = PisaModel::load(&dir, &dev, precision).unwrap();
     let ctx = Ctx::default();
-    let report = |name: &str, d: f32, tol: f32| {
-        eprintln!("{name:<12} max |Δ| = {d:.2e}");
-        assert!(d <= tol, "{name}: {d} > {tol}");
+    let mut out = Vec::new();
+    let mut report = |name: &'static str, got: &Tensor, want: &Tensor| {
+        let d = max_abs(got, want);
+        let scale = want.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+        eprintln!("{:<5} {name:<12} max |Δ| = {d:.2e} ({:.2e} of max |reference| {scale:.2e})", precision.name(), d / scale);
+        out.push((name, d, scale));
     };
-    report("embedding", max_abs(&model.embedding, &r["embedding"]), 1e-5);
+    report("embedding", &model.embedding, &r["embedding"]);
 
     let sf = model.vae.config.scaling_factor;
     let z = (model.vae.encode_mean(&r["x_in"], &ctx).unwrap() * sf).unwrap();
-    report("z_l", max_abs(&z, &r["z_l"]), 1e-4);
+    report("z_l", &z, &r["z_l"]);
 
     // The bare UNet, straight from the folder's file.
     let folder = fixtures().join("sd21-tiny/unet");
     let cfg = config::read_unet(&folder.join("config.json")).unwrap();
-    let w = Weights::read(&folder.join("diffusion_pytorch_model.safetensors"), &dev).unwrap();
+    let w = Weights::read(&folder.join("diffusion_pytorch_model.safetensors"), &dev).unwrap().with_precision(precision);
     let bare = UNet::load(&w.root(), None, &cfg).unwrap();
     let eps = bare.forward(&r["z_l"], 1.0, &r["embedding"], &ctx).unwrap();
-    report("eps_base", max_abs(&eps, &r["eps_base"]), 1e-4);
+    report("eps_base", &eps, &r["eps_base"]);
 
     // ε_pix and ε_full as one batch of two: the semantic LoRA at scale 0, then 1.
     let z2 = Tensor::cat(&[&r["z_l"], &r["z_l"]], 0).unwrap();
     let c2 = model.embedding.repeat((2, 1, 1)).unwrap();
     let ctx2 = Ctx { lora: Some(Tensor::new(&[0f32, 1.0], &dev).unwrap()), ..Ctx::default() };
     let eps2 = model.unet.forward(&z2, 1.0, &c2, &ctx2).unwrap();
-    report("eps_pix", max_abs(&eps2.get(0).unwrap().unsqueeze(0).unwrap(), &r["eps_pix"]), 1e-4);
-    report("eps_full", max_abs(&eps2.get(1).unwrap().unsqueeze(0).unwrap(), &r["eps_full"]), 1e-4);
+    report("eps_pix", &eps2.get(0).unwrap().unsqueeze(0).unwrap(), &r["eps_pix"]);
+    report("eps_full", &eps2.get(1).unwrap().unsqueeze(0).unwrap(), &r["eps_full"]);
 
     let x = model.vae.decode(&(&r["z_l"] / sf).unwrap(), &ctx).unwrap();
     let x = ((x.clamp(-1f32, 1f32).unwrap() * 0.5).unwrap() + 0.5).unwrap().narrow(2, 0, 52).unwrap().narrow(3, 0, 76).unwrap();
-    report("x_vae", max_abs(&x, &r["x_vae"]), 1e-3);
+    report("x_vae", &x, &r["x_vae"]);
     std::fs::remove_dir_all(&dir).unwrap();
+    out
 }
+
+#[test]
+fn networks_match_pytorch() {
+    for (name, d, _) in networks_against_pytorch(Precision::F32) {
+        let tol = match name {
+            "embedding" => 1e-5,
+            "x_vae" => 1e-3,
+            _ => 1e-4,
+        };
+        assert!(d <= tol, "{name}: {d} > {tol}");
+    }
+}
+
+/// bf16 weights and products: every output within BF16_BOUND of the reference's largest
+/// value (PyTorch in f32). The embedding is read, not computed: it stays exact.
+#[test]
+fn bf16_networks_stay_near_pytorch() {
+    for kernel in tessera_kernels::bf16::Kernel::ALL {
+        eprintln!("{}: {}", kernel.name(), if kernel.runs_here() { "runs here" } else { "not on this machine" });
+    }
+    for (name, d, scale) in networks_against_pytorch(Precision::Bf16) {
+        let tol = if name == "embedding" { 1e-5 } else { BF16_BOUND * scale };
+        assert!(d <= tol, "{name}: {d} > {tol} ({} of the reference's largest value)", d / scale);
+    }
+}
+
+/// The bound of [`bf16_networks_stay_near_pytorch`], relative to the largest reference value.
+const BF16_BOUND: f32 = 5e-2;
 
 /// A small attention budget gives the same result as an unbounded one.
 #[test]

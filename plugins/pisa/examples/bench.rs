@@ -4,7 +4,7 @@
 //! shapes, not their values), and the pipeline runs as a job does.
 //!
 //! cargo run --release -p tessera-pisa --example bench -- [WIDTH HEIGHT] [--default] [--memory-mb N [--vae-norm estimate|exact]]
-//!     [--weights DIR [--save FILE]] [--json] [--im2col] [--device cuda:0 [--warm]]
+//!     [--weights DIR [--save FILE]] [--json] [--im2col] [--bf16] [--device cuda:0 [--warm]]
 //! (input size in pixels, default 128 128: a 512×512 result)
 //!
 //! `--weights DIR` takes the UNet and VAE from a diffusers-layout folder (`unet/` and `vae/`,
@@ -16,7 +16,8 @@
 //! `--json` a last line of figures. `--device` runs it on a CUDA card (a build with the `cuda`
 //! feature): each stage ends with the card synchronised, and the peak is the card's memory in
 //! use at its fullest step (free memory sampled after each step) besides the process's RSS;
-//! `--warm` runs the job once untimed first (kernel loading, cuBLAS's start).
+//! `--warm` runs the job once untimed first (kernel loading, cuBLAS's start). `--bf16` keeps the
+//! layers' weights in bf16 (`Precision::Bf16`: AMX or AVX512_BF16 products on the CPU).
 
 use std::collections::HashMap;
 use std::time::Instant;
@@ -32,7 +33,7 @@ use tessera_pisa_model::nn::Ctx;
 use tessera_pisa_model::store::{self, PisaModel};
 use tessera_pisa_model::unet::UNet;
 use tessera_pisa_model::vae::Vae;
-use tessera_pisa_model::weights::Weights;
+use tessera_pisa_model::weights::{Precision, Weights};
 
 const UNET: &str = r#"{"act_fn": "silu", "attention_head_dim": [5, 10, 20, 20], "block_out_channels": [320, 640, 1280, 1280],
  "center_input_sample": false, "cross_attention_dim": 1024, "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
@@ -74,14 +75,14 @@ fn rss_mib(field: &str) -> f64 {
 }
 
 /// The folder's networks (its own configs) and embedding.
-fn load_folder(dir: &std::path::Path, dev: &Device) -> (UNetConfig, Weights, Vae, Tensor) {
+fn load_folder(dir: &std::path::Path, dev: &Device, precision: Precision) -> (UNetConfig, Weights, Vae, Tensor) {
     let dev = dev.clone();
     let config = |net: &str| std::fs::read_to_string(dir.join(net).join("config.json")).unwrap_or_else(|e| panic!("{}/{net}/config.json: {e}", dir.display()));
     let unet_cfg: UNetConfig = serde_json::from_str(&config("unet")).expect("unet/config.json");
     let vae_cfg: VaeConfig = serde_json::from_str(&config("vae")).expect("vae/config.json");
     let read = |net: &str| Weights::read(&dir.join(net).join("diffusion_pytorch_model.safetensors"), &dev).unwrap_or_else(|e| panic!("{e}"));
     let unet_w = read("unet");
-    let vae = Vae::load(&read("vae").root(), &vae_cfg).unwrap_or_else(|e| panic!("{e}"));
+    let vae = Vae::load(&read("vae").with_precision(precision).root(), &vae_cfg).unwrap_or_else(|e| panic!("{e}"));
     let embedding = Weights::read(&dir.join("embedding.safetensors"), &dev).unwrap_or_else(|e| panic!("{e}")).get("embedding").expect("embedding").clone();
     (unet_cfg, unet_w, vae, embedding)
 }
@@ -98,14 +99,16 @@ fn main() {
     let nums: Vec<usize> = args.iter().filter(|a| !a.starts_with("--")).filter(|a| Some(*a) != flag("--memory-mb").as_ref()).filter_map(|a| a.parse().ok()).collect();
     let (w, h) = (nums.first().copied().unwrap_or(128), nums.get(1).copied().unwrap_or(128));
     let dev = tessera_kernels::device::open(&flag("--device").unwrap_or_else(|| "cpu".into())).unwrap_or_else(|e| panic!("{e}"));
+    let precision = if args.iter().any(|a| a == "--bf16") { Precision::Bf16 } else { Precision::F32 };
     let t = Instant::now();
     let (unet_cfg, unet_w, vae, embedding) = match &weights_dir {
-        Some(dir) => load_folder(dir, &dev),
+        Some(dir) => load_folder(dir, &dev, precision),
         None => {
             let unet_cfg: UNetConfig = serde_json::from_str(UNET).unwrap();
             let vae_cfg: VaeConfig = serde_json::from_str(VAE).unwrap();
             let (unet_w, _) = random_weights(&dev, |w| UNet::load(&w.root(), None, &unet_cfg));
-            let (_, vae) = random_weights(&dev, |w| Vae::load(&w.root(), &vae_cfg));
+            let (vae_w, _) = random_weights(&dev, |w| Vae::load(&w.root(), &vae_cfg));
+            let vae = Vae::load(&vae_w.with_precision(precision).root(), &vae_cfg).unwrap();
             (unet_cfg, unet_w, vae, Tensor::randn(0f32, 1.0, (1, 77, 1024), &dev).unwrap())
         }
     };
@@ -124,6 +127,7 @@ fn main() {
         }
     }
     let lora = PisaLora::from_tensors(lora_tensors, "random", &dev).unwrap();
+    let unet_w = unet_w.with_precision(precision);
     let unet = store::build_unet(&unet_w, &unet_cfg, lora).unwrap();
     drop(unet_w);
     let model = PisaModel { unet, vae, embedding };
@@ -141,7 +145,8 @@ fn main() {
     };
     // `--im2col`: every convolution on candle's im2col + GEMM, as before Winograd.
     let ctx = Ctx { winograd: !args.iter().any(|a| a == "--im2col"), ..ctx };
-    println!("tiling: {tiling:?}, Winograd convolutions: {}", ctx.winograd);
+    println!("tiling: {tiling:?}, Winograd convolutions: {}, precision: {}{}", ctx.winograd, precision.name(),
+        if precision == Precision::Bf16 && dev.is_cpu() { format!(" ({})", tessera_kernels::bf16::Kernel::best().name()) } else { String::new() });
     let pipe = Pipeline { model: &model, ctx, tiling };
     let (enc_steps, unet_steps, dec_steps) = pipe.tiling.steps(&model.vae, ow, oh);
     println!("steps: encode {enc_steps}, UNet {unet_steps}, decode {dec_steps}");

@@ -53,7 +53,7 @@ fn pipeline_matches_pytorch_at_every_lambda() {
     };
     let dir = std::env::temp_dir().join(format!("tessera-pisa-pipeline-{}", std::process::id()));
     import_into(&dir);
-    let model = PisaModel::load(&dir, &device()).unwrap();
+    let model = PisaModel::load(&dir, &device(), tessera_pisa_model::weights::Precision::F32).unwrap();
     let pipe = Pipeline { model: &model, ctx: Ctx::default(), tiling: Tiling::untiled() };
     let mut worst: HashMap<&str, f32> = HashMap::new();
     let mut check = |name: &'static str, d: f32, tol: f32| {

@@ -46,7 +46,7 @@ pub fn import_into(dir: &Path) {
 pub fn model(name: &str) -> tessera_pisa_model::store::PisaModel {
     let dir = std::env::temp_dir().join(format!("tessera-pisa-{name}-{}", std::process::id()));
     import_into(&dir);
-    let m = tessera_pisa_model::store::PisaModel::load(&dir, &device()).unwrap();
+    let m = tessera_pisa_model::store::PisaModel::load(&dir, &device(), tessera_pisa_model::weights::Precision::F32).unwrap();
     std::fs::remove_dir_all(&dir).unwrap();
     m
 }
