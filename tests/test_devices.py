@@ -96,3 +96,28 @@ def test_two_workers_run_at_once_and_a_crash_on_one_spares_the_other(tmp_path):
         small = upload(c, np.zeros((4, 4, 3)), "f32")
         (layer,) = c.submit("classic", 2, small).wait(timeout=30)
         assert layer.buffer.layout["width"] == 8
+
+
+def test_a_slow_worker_start_holds_up_no_other_device(tmp_path):
+    """A worker that takes seconds to start (a CUDA worker opening its card) starts beside
+    the scheduler: the CPU's jobs and every client's events go on meanwhile."""
+    env = {"TESSERA_TEST_GPU_AS_CPU": "slow:6"}
+    with Daemon(tmp_path / "rt", ["--devices", "cuda:0,cpu"], env=env) as d, d.client() as c:
+        gpu = workers_by_device(c)["cuda:0"]
+        assert gpu["state"] == "idle"
+        os.kill(gpu["pid"], signal.SIGKILL)
+        deadline = time.time() + 10
+        while workers_by_device(c)["cuda:0"]["state"] != "starting":
+            assert time.time() < deadline, workers_by_device(c)
+            time.sleep(0.02)
+        small = upload(c, np.zeros((4, 4, 3)), "f32")
+        t = time.time()
+        (layer,) = c.submit("classic", 2, small, device="cpu").wait(timeout=30)
+        took = time.time() - t
+        assert layer.buffer.layout["width"] == 8
+        assert took < 3 and workers_by_device(c)["cuda:0"]["state"] == "starting", took
+        deadline = time.time() + 30
+        while workers_by_device(c)["cuda:0"]["state"] != "idle":
+            assert time.time() < deadline, workers_by_device(c)
+            time.sleep(0.05)
+        assert workers_by_device(c)["cuda:0"]["restarts"] == 1

@@ -39,13 +39,18 @@ pub fn device_plugin_dirs(dirs: &[PathBuf], device: &str) -> Vec<PathBuf> {
 }
 
 /// Test hook: a worker for a CUDA device that runs the CPU builds on the CPU, so that the
-/// daemon's supervision of several workers can be tested on machines without a card.
+/// daemon's supervision of several workers can be tested on machines without a card. Set to
+/// `slow:N`, that worker also takes N seconds to start, as one opening a card can.
 const GPU_AS_CPU: &str = "TESSERA_TEST_GPU_AS_CPU";
 
 /// Loads every plugin found in `dirs` that runs on `device`, first directory first; a plugin
 /// id seen twice keeps the first. Returns the plugins and one message per library that failed.
 pub fn load_plugins(dirs: &[PathBuf], device: &str) -> (Vec<(Plugin, Instance)>, Vec<String>) {
-    let device = if device != "cpu" && std::env::var_os(GPU_AS_CPU).is_some() { "cpu" } else { device };
+    let hook = std::env::var(GPU_AS_CPU).ok().filter(|_| device != "cpu");
+    if let Some(secs) = hook.as_deref().and_then(|h| h.strip_prefix("slow:")).and_then(|n| n.parse().ok()) {
+        std::thread::sleep(std::time::Duration::from_secs_f64(secs));
+    }
+    let device = if hook.is_some() { "cpu" } else { device };
     let mut loaded: Vec<(Plugin, Instance)> = Vec::new();
     let mut errors = Vec::new();
     for dir in dirs {

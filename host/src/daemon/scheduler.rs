@@ -1,12 +1,13 @@
-//! The job queue of one worker, and the worker's supervision: spawn it, hand it one job at a
-//! time, forward its progress, and when it dies fail its job, start a new one, and go on.
+//! The job queue and the workers' supervision, a worker per device: start each (beside the
+//! scheduler, so a slow start holds up no other device), hand it one job at a time, forward
+//! its progress, and when it dies fail its job, start a new one, and go on.
 
 use std::collections::{HashMap, VecDeque};
 use std::process::{Child, Command, Stdio};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
-use ipc_channel::ipc::{IpcOneShotServer, IpcSender};
+use ipc_channel::ipc::{IpcOneShotServer, IpcReceiver, IpcSender};
 use tessera_protocol::{Blend, BufferInfo, DeviceInfo, ErrorCode, ErrorReply, Event, LayerRole, PluginInfo, ResultLayer, WorkerInfo, WorkerState};
 
 use super::Shared;
@@ -19,6 +20,8 @@ pub(crate) enum Sched {
     ClientGone(ClientId),
     Worker { generation: u64, msg: FromWorker },
     WorkerGone { generation: u64 },
+    /// A starting worker connected (its first message) or the wait for it failed.
+    Hello { attempt: u64, accepted: Result<(IpcReceiver<FromWorker>, FromWorker), String> },
     /// Cancel everything, stop the worker, then answer on the channel.
     Shutdown(mpsc::Sender<()>),
 }
@@ -68,10 +71,22 @@ struct WorkerProc {
     hung: Option<String>,
 }
 
+/// A worker process that has not said hello yet. Starts run beside the scheduler (a CUDA
+/// worker can take seconds to open its card), so the other devices' jobs and events go on.
+struct Starting {
+    child: Child,
+    /// The one-shot server's name: connecting to it ends the accept thread of a worker that
+    /// never came (ipc-channel's accept has no timeout, #201).
+    name: String,
+    deadline: Instant,
+    attempt: u64,
+}
+
 /// One device and its worker: the worker's process, its job, and its restarts.
 struct Slot {
     device: DeviceInfo,
     worker: Option<WorkerProc>,
+    starting: Option<Starting>,
     running: Option<Running>,
     /// The plugins its worker loaded at its last start; `None` before the first.
     plugins: Option<Vec<PluginInfo>>,
@@ -87,7 +102,7 @@ struct Slot {
 
 impl Slot {
     fn new(device: DeviceInfo) -> Slot {
-        Slot { device, worker: None, running: None, plugins: None, error: None, generation: 0, restarts: 0, start_failures: 0, next_start: Instant::now() }
+        Slot { device, worker: None, starting: None, running: None, plugins: None, error: None, generation: 0, restarts: 0, start_failures: 0, next_start: Instant::now() }
     }
     /// Three starts in a row failed: its jobs go elsewhere or fail until a start succeeds.
     fn down(&self) -> bool {
@@ -119,21 +134,30 @@ pub(crate) struct Scheduler {
     /// One per device, best first (GPUs before the CPU).
     slots: Vec<Slot>,
     generation: u64,
+    /// Numbers worker starts, so a late hello of an abandoned start is recognised.
+    attempts: u64,
     shutdown: Option<(mpsc::Sender<()>, Instant)>,
 }
 
 impl Scheduler {
     pub fn new(shared: Arc<Shared>, rx: mpsc::Receiver<Sched>, tx: mpsc::Sender<Sched>) -> Scheduler {
-        Scheduler { shared, rx, tx, queue: VecDeque::new(), served: HashMap::new(), starts: 0, slots: Vec::new(), generation: 0, shutdown: None }
+        Scheduler { shared, rx, tx, queue: VecDeque::new(), served: HashMap::new(), starts: 0, slots: Vec::new(), generation: 0, attempts: 0, shutdown: None }
     }
 
     /// Finds the devices (a probe in a child process: tesserad itself opens no driver), and
-    /// starts a worker for each.
+    /// starts a worker for each, all at once, returning when each has said hello or failed
+    /// (so the first clients see every plugin).
     pub fn start_workers(&mut self) {
         let devices = plan_devices(&self.shared.config);
         *self.shared.devices.lock() = devices.clone();
         self.slots = devices.into_iter().map(Slot::new).collect();
         self.ensure_workers();
+        while self.slots.iter().any(|s| s.starting.is_some()) {
+            if let Ok(msg) = self.rx.recv_timeout(Duration::from_millis(50)) {
+                self.handle(msg);
+            }
+            self.check_starts();
+        }
         self.publish_state();
     }
 
@@ -141,6 +165,7 @@ impl Scheduler {
         loop {
             self.enforce_cancel_deadline();
             self.find_hung_workers();
+            self.check_starts();
             if self.shutdown.is_none() {
                 self.ensure_workers();
                 self.start_next();
@@ -150,14 +175,17 @@ impl Scheduler {
             if stop_now {
                 for i in 0..self.slots.len() {
                     self.stop_worker(i);
+                    self.abandon_start(i);
                 }
                 if let Some((done, _)) = self.shutdown.take() {
                     let _ = done.send(());
                 }
                 return;
             }
-            // Wake up now and then to retry a worker that failed to start.
-            let msg = match self.rx.recv_timeout(Duration::from_millis(500)) {
+            // Wake up now and then to retry a worker that failed to start, and more often
+            // while one is starting, to see it exit or miss its deadline.
+            let tick = if self.slots.iter().any(|s| s.starting.is_some()) { 50 } else { 500 };
+            let msg = match self.rx.recv_timeout(Duration::from_millis(tick)) {
                 Ok(m) => m,
                 Err(mpsc::RecvTimeoutError::Timeout) => continue,
                 Err(mpsc::RecvTimeoutError::Disconnected) => return,
@@ -226,6 +254,13 @@ impl Scheduler {
                     self.worker_died(i)
                 }
             }
+            Sched::Hello { attempt, accepted } => {
+                if let Some(i) = self.slots.iter().position(|s| s.starting.as_ref().is_some_and(|st| st.attempt == attempt)) {
+                    let starting = self.slots[i].starting.take().expect("found above");
+                    let result = self.finish_start(i, starting, accepted);
+                    self.started(i, result);
+                }
+            }
             Sched::Shutdown(done) => {
                 for job in std::mem::take(&mut self.queue) {
                     self.finish_failed(job, ErrorCode::ShuttingDown, "tesserad is shutting down; the job was not started".into());
@@ -257,13 +292,15 @@ impl Scheduler {
     /// plugin.
     fn route(&self, job: &QueuedJob) -> Route {
         if let Some(device) = &job.device {
-            return match self.slots.iter().position(|s| &s.device.id == device) {
-                Some(i) if self.slots[i].down() => Route::Nowhere(ErrorCode::WorkerCrashed, format!("no worker could be started on {device}: {}", self.slots[i].error.as_deref().unwrap_or("unknown error"))),
-                Some(i) if self.slots[i].plugins.is_none() => Route::Wait(i),
-                Some(i) if !self.slots[i].runs(&job.plugin) => Route::Nowhere(ErrorCode::DeviceUnavailable, self.refuse_device(device, &job.plugin).unwrap_or_default()),
-                Some(i) => Route::Slot(i),
-                None => Route::Nowhere(ErrorCode::DeviceUnavailable, format!("no worker runs on device `{device}`")),
-            };
+            let slot = self.slots.iter().position(|s| &s.device.id == device);
+            if let Some(i) = slot.filter(|&i| self.slots[i].down()) {
+                return Route::Nowhere(ErrorCode::WorkerCrashed, format!("no worker could be started on {device}: {}", self.slots[i].error.as_deref().unwrap_or("unknown error")));
+            }
+            if let Some(message) = self.refuse_device(device, &job.plugin) {
+                return Route::Nowhere(ErrorCode::DeviceUnavailable, message);
+            }
+            let i = slot.expect("refuse_device refuses a device without a slot");
+            return if self.slots[i].plugins.is_none() { Route::Wait(i) } else { Route::Slot(i) };
         }
         for (i, s) in self.slots.iter().enumerate() {
             if s.down() {
@@ -502,27 +539,56 @@ impl Scheduler {
     fn ensure_workers(&mut self) {
         for i in 0..self.slots.len() {
             let slot = &self.slots[i];
-            if slot.worker.is_some() || Instant::now() < slot.next_start {
+            if slot.worker.is_some() || slot.starting.is_some() || Instant::now() < slot.next_start {
                 continue;
             }
-            let result = self.spawn_worker(i);
-            let slot = &mut self.slots[i];
-            match result {
-                Ok((w, plugins, load_errors)) => {
-                    tracing::info!("worker {} ready on {}", w.pid, slot.device.id);
-                    slot.start_failures = 0;
-                    slot.worker = Some(w);
-                    slot.plugins = Some(plugins);
-                    slot.error = (!load_errors.is_empty()).then(|| load_errors.join("; "));
-                    self.publish_plugins();
-                }
-                Err(e) => {
-                    slot.start_failures += 1;
-                    let wait = Duration::from_millis(250 << slot.start_failures.min(6));
-                    tracing::error!("cannot start a worker on {}: {e:#}; retrying in {wait:?}", slot.device.id);
-                    slot.next_start = Instant::now() + wait;
-                    slot.error = Some(format!("{e:#}"));
-                }
+            match self.launch(i) {
+                Ok(starting) => self.slots[i].starting = Some(starting),
+                Err(e) => self.started(i, Err(e)),
+            }
+        }
+    }
+
+    /// Fails the starts whose worker exited or missed its deadline before saying hello.
+    fn check_starts(&mut self) {
+        for i in 0..self.slots.len() {
+            let Some(st) = &mut self.slots[i].starting else { continue };
+            let exited = matches!(st.child.try_wait(), Ok(Some(_)));
+            if exited || Instant::now() > st.deadline {
+                let status = self.abandon_start(i).unwrap_or_default();
+                self.started(i, Err(anyhow::anyhow!("the worker did not say hello ({status})")));
+            }
+        }
+    }
+
+    /// Kills a worker that is starting and ends its accept thread; the exit status, if one
+    /// was starting.
+    fn abandon_start(&mut self, i: usize) -> Option<String> {
+        let mut st = self.slots[i].starting.take()?;
+        let _ = st.child.kill();
+        let status = reap(&mut st.child);
+        let _ = IpcSender::<FromWorker>::connect(st.name);
+        Some(status)
+    }
+
+    /// Records how a start ended: the worker and its plugins, or the failure and the back-off.
+    fn started(&mut self, i: usize, result: anyhow::Result<(WorkerProc, Vec<PluginInfo>, Vec<String>)>) {
+        let slot = &mut self.slots[i];
+        match result {
+            Ok((w, plugins, load_errors)) => {
+                tracing::info!("worker {} ready on {}", w.pid, slot.device.id);
+                slot.start_failures = 0;
+                slot.worker = Some(w);
+                slot.plugins = Some(plugins);
+                slot.error = (!load_errors.is_empty()).then(|| load_errors.join("; "));
+                self.publish_plugins();
+            }
+            Err(e) => {
+                slot.start_failures += 1;
+                let wait = Duration::from_millis(250 << slot.start_failures.min(6));
+                tracing::error!("cannot start a worker on {}: {e:#}; retrying in {wait:?}", slot.device.id);
+                slot.next_start = Instant::now() + wait;
+                slot.error = Some(format!("{e:#}"));
             }
         }
     }
@@ -538,7 +604,8 @@ impl Scheduler {
         *self.shared.plugins.write() = all;
     }
 
-    fn spawn_worker(&mut self, i: usize) -> anyhow::Result<(WorkerProc, Vec<PluginInfo>, Vec<String>)> {
+    /// Starts slot `i`'s worker process; its hello comes as [`Sched::Hello`].
+    fn launch(&mut self, i: usize) -> anyhow::Result<Starting> {
         let device = self.slots[i].device.id.clone();
         let (server, name) = IpcOneShotServer::<FromWorker>::new()?;
         let mut cmd = Command::new(std::env::current_exe()?);
@@ -546,34 +613,27 @@ impl Scheduler {
         for dir in &self.shared.config.plugin_dirs {
             cmd.arg("--plugins").arg(dir);
         }
-        let mut child = cmd.spawn()?;
-        // accept() has no timeout (ipc-channel #201): run it aside, and unblock it by
-        // connecting ourselves if the worker never comes.
-        let (acc_tx, acc_rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            let _ = acc_tx.send(server.accept());
-        });
-        let deadline = Instant::now() + self.shared.config.worker_start_timeout;
-        let accepted = loop {
-            match acc_rx.recv_timeout(Duration::from_millis(50)) {
-                Ok(r) => break Some(r),
-                Err(mpsc::RecvTimeoutError::Timeout) => {
-                    if Instant::now() > deadline || matches!(child.try_wait(), Ok(Some(_))) {
-                        break None;
-                    }
-                }
-                Err(mpsc::RecvTimeoutError::Disconnected) => break None,
-            }
-        };
+        let child = cmd.spawn()?;
+        self.attempts += 1;
+        let attempt = self.attempts;
+        let tx = self.tx.clone();
+        std::thread::Builder::new().name(format!("worker-{device}-accept")).spawn(move || {
+            let accepted = server.accept().map_err(|e| e.to_string());
+            let _ = tx.send(Sched::Hello { attempt, accepted });
+        })?;
+        Ok(Starting { child, name, deadline: Instant::now() + self.shared.config.worker_start_timeout, attempt })
+    }
+
+    /// The worker of slot `i` once it connected: its hello read, its messages forwarded.
+    fn finish_start(&mut self, i: usize, starting: Starting, accepted: Result<(IpcReceiver<FromWorker>, FromWorker), String>) -> anyhow::Result<(WorkerProc, Vec<PluginInfo>, Vec<String>)> {
+        let device = self.slots[i].device.id.clone();
+        let Starting { mut child, .. } = starting;
         let (receiver, hello) = match accepted {
-            Some(Ok(pair)) => pair,
-            other => {
+            Ok(pair) => pair,
+            Err(e) => {
                 let _ = child.kill();
                 let status = reap(&mut child);
-                if other.is_none() {
-                    let _ = IpcSender::<FromWorker>::connect(name);
-                }
-                anyhow::bail!("the worker did not say hello ({status})");
+                anyhow::bail!("the worker did not say hello ({e}; {status})");
             }
         };
         let FromWorker::Hello { pid, device: _, plugins_json, load_errors, requests } = hello else {
