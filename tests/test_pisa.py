@@ -70,6 +70,26 @@ def test_layers_are_pytorchs_pisa_sr(daemon):
         assert any(s == stage or s.startswith(stage + " ") for s in stages), stages
 
 
+def test_bf16_precision_stays_near_pytorchs_pisa_sr(daemon):
+    """precision bf16: the layers' weights and products in bf16 (AMX or AVX512_BF16 where the
+    CPU has them): the same layer stack near PyTorch's f32 maths (here about 39 dB PSNR, at
+    most 7e-2 of the pixel range; the bound is 35 dB and 0.1), and not the f32 result itself
+    (the option does change the arithmetic)."""
+    with daemon.client() as c:
+        buf = upload(c, lr(), "u8")
+        layers = c.submit("pisa", 4, buf, params={"precision": "bf16"}, output_sample="f32").wait(timeout=300)
+        assert [l.role for l in layers] == ["base", "pixel_detail", "semantic_detail"]
+        base, pix, sem = (as_array(l.buffer).astype(np.float64) for l in layers)
+        with pytest.raises(TesseraError, match=r"`precision` must be one of \[\"f32\", \"bf16\"\]"):
+            c.submit("pisa", 4, buf, params={"precision": "f16"}).wait(timeout=60)
+    x_pix, x_full = hwc(REF["x_adain.%d" % LAMBDAS.index([1, 0])]), hwc(REF["x_adain.%d" % LAMBDAS.index([1, 1])])
+    for got, want in ((base + pix, x_pix), (base + pix + sem, x_full)):
+        err = np.abs(got - want)
+        psnr = 10 * np.log10(1 / np.mean(err ** 2))
+        print("bf16 against f32: max %.2e, PSNR %.1f dB" % (err.max(), psnr))
+        assert 1e-3 < err.max() <= 0.1 and psnr >= 35, (err.max(), psnr)
+
+
 def test_exact_render_at_every_lambda(daemon):
     with daemon.client() as c:
         buf = upload(c, lr(), "u8")

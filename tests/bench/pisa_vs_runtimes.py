@@ -167,13 +167,19 @@ def child_torch_cuda(args):
 
 def child_torch(args):
     torch, unet, vae, emb = torch_modules(args.work, args.threads)
-    ctx = emb.repeat(2, 1, 1)
+    # torch-bf16: the modules' weights and activations in bf16 (oneDNN's AMX or AVX512_BF16
+    # kernels where the CPU has them), results back in f32.
+    dtype = torch.bfloat16 if args.child == "torch-bf16" else torch.float32
+    unet, vae = unet.to(dtype), vae.to(dtype)
+    ctx = emb.repeat(2, 1, 1).to(dtype)
+    t = lambda a: torch.from_numpy(a).to(dtype)
     with torch.inference_mode():
-        stages = Stages(lambda x: vae.encode(torch.from_numpy(x)).latent_dist.mean.numpy(),
-                        lambda z: unet(torch.from_numpy(z), 1, encoder_hidden_states=ctx).sample.numpy(),
-                        lambda z: vae.decode(torch.from_numpy(z)).sample.numpy())
+        stages = Stages(lambda x: vae.encode(t(x)).latent_dist.mean.float().numpy(),
+                        lambda z: unet(t(z), 1, encoder_hidden_states=ctx).sample.float().numpy(),
+                        lambda z: vae.decode(t(z)).sample.float().numpy())
         times, out = stages.job(args.size)
-    np.savez(os.path.join(args.work, "torch_out.npz"), **out)
+    if dtype == torch.float32:
+        np.savez(os.path.join(args.work, "torch_out.npz"), **out)
     return times
 
 
@@ -232,13 +238,14 @@ def run_child(args, which):
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-def run_tessera(args):
+def run_tessera(args, bf16=False):
     exe = args.exe or os.path.join(os.environ.get("CARGO_TARGET_DIR", os.path.join(ROOT, "target")), "release", "examples", "bench")
     if not os.path.isfile(exe):
         raise SystemExit("build it first: cargo build --release -p tessera-pisa --example bench")
-    save = os.path.join(args.work, "tessera_out.safetensors")
+    save = os.path.join(args.work, "tessera_bf16_out.safetensors" if bf16 else "tessera_out.safetensors")
     env = dict(os.environ, RAYON_NUM_THREADS=str(args.threads))
     extra = ["--device", "cuda:0", "--warm"] if args.device == "cuda" else []
+    extra += ["--bf16"] if bf16 else []
     r = subprocess.run([exe, str(args.size), str(args.size), "--weights", args.work, "--save", save, "--json"] + extra,
                        capture_output=True, text=True, env=env)
     if r.returncode:
@@ -250,9 +257,9 @@ def run_tessera(args):
     return figures
 
 
-def compare(work):
+def compare(work, name="tessera_out.safetensors"):
     from safetensors.numpy import load_file
-    ours = load_file(os.path.join(work, "tessera_out.safetensors"))
+    ours = load_file(os.path.join(work, name))
     ref = np.load(os.path.join(work, "torch_out.npz"))
     return {k: float(np.abs(ours[k] - ref[k]).max()) for k in ("z_l", "eps_full", "x_full")}
 
@@ -262,13 +269,13 @@ def main():
     ap.add_argument("--work", default="/var/tmp/tessera-pisa-bench", help="weights, IR and outputs (about 8 GB)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--size", type=int, default=128, help="input side in pixels (output is 4×)")
-    ap.add_argument("--bf16", action="store_true", help="also OpenVINO with its bf16 inference hint")
+    ap.add_argument("--bf16", action="store_true", help="also each runtime in bf16: Tessera's precision bf16, PyTorch's modules in bf16, OpenVINO's bf16 hint")
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="cuda: Tessera and PyTorch (f32, fp16) on the card")
     ap.add_argument("--exe", help="Tessera's bench example [default: target/release/examples/bench]")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        fn = {"torch": child_torch, "convert": child_convert, "openvino": child_openvino, "openvino-bf16": child_openvino,
+        fn = {"torch": child_torch, "torch-bf16": child_torch, "convert": child_convert, "openvino": child_openvino, "openvino-bf16": child_openvino,
               "torch-cuda": child_torch_cuda, "torch-cuda-fp16": child_torch_cuda}[args.child]
         print(json.dumps(fn(args)))
         return
@@ -290,6 +297,8 @@ def main():
             "PyTorch %s (f32)" % torch.__version__.split("+")[0]: run_child(args, "torch"),
             "OpenVINO %s (f32)" % openvino.__version__.split("-")[0]: run_child(args, "openvino")}
     if args.bf16:
+        rows["Tessera (bf16)"] = run_tessera(args, bf16=True)
+        rows["PyTorch %s (bf16)" % torch.__version__.split("+")[0]] = run_child(args, "torch-bf16")
         rows["OpenVINO %s (bf16 hint)" % openvino.__version__.split("-")[0]] = run_child(args, "openvino-bf16")
     table(args, rows, "%d threads" % args.threads, "peak RSS during the job")
 
@@ -300,15 +309,24 @@ def table(args, rows, where, peak_label):
     stages = [("encode", "VAE encode %d²" % n), ("unet", "UNet, batch of 2 at %d² latent" % (n // 8)),
               ("decode", "VAE decode %d² latent" % (n // 8)), ("job", "layered job %d² → %d²" % (args.size, n))]
     names = list(rows)
-    print("| stage | " + " | ".join(names) + " | Tessera ÷ fastest other |")
-    print("|---|" + "---:|" * (len(names) + 1))
-    for key, label in stages:
-        others = [rows[k][key] for k in names[1:] if "bf16" not in k]
-        print("| %s | %s | %.2f |" % (label, " | ".join("%.3f s" % rows[k][key] for k in names), rows[names[0]][key] / min(others)))
-    others = [rows[k]["peak_mib"] for k in names[1:] if "bf16" not in k]
-    print("| %s | %s | %.2f |" % (peak_label, " | ".join("%.0f MiB" % rows[k]["peak_mib"] for k in names),
-                                                    rows[names[0]]["peak_mib"] / min(others)))
-    print("\nTessera against PyTorch, max abs difference: " + ", ".join("%s %.2e" % kv for kv in compare(args.work).items()))
+    f32_others = [k for k in names if not k.startswith("Tessera") and "bf16" not in k and "fp16" not in k]
+    all_others = [k for k in names if not k.startswith("Tessera")]
+    # Tessera f32 against the fastest f32 runtime; Tessera bf16 (where run) against the
+    # fastest of all, any precision.
+    ratios = [("Tessera (f32)", f32_others, "Tessera f32 ÷ fastest f32 other")]
+    if "Tessera (bf16)" in rows:
+        ratios.append(("Tessera (bf16)", all_others, "Tessera bf16 ÷ fastest other"))
+    elif all_others != f32_others:
+        ratios.append(("Tessera (f32)", all_others, "Tessera f32 ÷ fastest other"))
+    print("| stage | " + " | ".join(names) + " | " + " | ".join(r[2] for r in ratios) + " |")
+    print("|---|" + "---:|" * (len(names) + len(ratios)))
+    for key, label in stages + [("peak_mib", peak_label)]:
+        fmt = (lambda v: "%.0f MiB" % v) if key == "peak_mib" else (lambda v: "%.3f s" % v)
+        cells = " | ".join(fmt(rows[k][key]) for k in names)
+        print("| %s | %s | %s |" % (label, cells, " | ".join("%.2f" % (rows[t][key] / min(rows[k][key] for k in others)) for t, others, _ in ratios)))
+    print("\nTessera against PyTorch (f32), max abs difference: " + ", ".join("%s %.2e" % kv for kv in compare(args.work).items()))
+    if "Tessera (bf16)" in rows:
+        print("Tessera bf16 against PyTorch (f32), max abs difference: " + ", ".join("%s %.2e" % kv for kv in compare(args.work, "tessera_bf16_out.safetensors").items()))
 
 
 if __name__ == "__main__":

@@ -263,18 +263,18 @@ impl Conv2d {
     }
 
     pub fn forward(&self, x: &Tensor, ctx: &Ctx) -> candle_core::Result<Tensor> {
-        let mut y = match self.winograd_conv(x, ctx)? {
-            Some(y) => y,
-            None => match &self.w {
-                Matrix::Tensor(w) => {
-                    let y = banded_conv(&as_dtype_of(x, w)?, w, self.padding, self.stride, ctx.conv_bytes)?.to_dtype(x.dtype())?;
-                    match &self.b {
-                        Some(b) => y.broadcast_add(&b.reshape((1, (), 1, 1))?)?,
-                        None => y,
-                    }
+        if let Some(y) = self.winograd_conv(x, ctx)? {
+            return Ok(y);
+        }
+        let mut y = match &self.w {
+            Matrix::Tensor(w) => {
+                let y = banded_conv(&as_dtype_of(x, w)?, w, self.padding, self.stride, ctx.conv_bytes)?.to_dtype(x.dtype())?;
+                match &self.b {
+                    Some(b) => y.broadcast_add(&b.reshape((1, (), 1, 1))?)?,
+                    None => y,
                 }
-                Matrix::Packed(w) => self.packed_conv(x, w, ctx)?,
-            },
+            }
+            Matrix::Packed(w) => self.packed_conv(x, w, ctx)?,
         };
         if let (Some(ad), Some(scales)) = (&self.lora, &ctx.lora) {
             let batch = x.dim(0)?;
@@ -313,10 +313,14 @@ impl Conv2d {
 }
 
 impl Conv2d {
-    /// The convolution with its bias by Winograd F(4,3) ([`tessera_kernels::nchw`]), for the
-    /// 3×3, stride-1 convolutions of f32 CPU activations large enough that transforming the
-    /// weights (on each call: kept transformed they would take 4× their memory) costs little
-    /// against the products; `None` for the rest.
+    /// The convolution with its bias and run-time adapter by Winograd F(4,3)
+    /// ([`tessera_kernels::nchw`]), for the 3×3, stride-1 convolutions of f32 CPU activations
+    /// large enough that transforming the weights (on each call: kept transformed they would
+    /// take 4× their memory) costs little against the products; `None` for the rest.
+    ///
+    /// The adapter is merged into the weights a batch item at a time (`W + sᵢ·B·A`, one
+    /// transform for each distinct scale): applied beside the layer, its rank-r convolution
+    /// would unfold the whole input (im2col: 9 × channels a pixel) for r output channels.
     fn winograd_conv(&self, x: &Tensor, ctx: &Ctx) -> candle_core::Result<Option<Tensor>> {
         let (batch, c, h, w) = x.dims4()?;
         let [o, _, k, _] = self.shape;
@@ -327,12 +331,35 @@ impl Conv2d {
             Some(b) => b.to_dtype(DType::F32)?.to_vec1::<f32>()?,
             None => vec![0.0; o],
         };
-        let conv = tessera_kernels::winograd::Winograd::f4_from_oihw(&self.w.to_f32()?, bias, o, c);
+        let scales: Vec<f32> = match (&self.lora, &ctx.lora) {
+            (Some(_), Some(s)) => s.to_dtype(DType::F32)?.to_vec1::<f32>()?,
+            _ => vec![0.0; batch],
+        };
+        if scales.len() != batch {
+            candle_core::bail!("{} adapter scales for a batch of {batch}", scales.len());
+        }
+        let base = self.w.to_f32()?;
+        let delta = match &self.lora {
+            Some(ad) if scales.iter().any(|s| *s != 0.0) => Some(ad.delta(&self.shape)?.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?),
+            _ => None,
+        };
+        let mut convs: Vec<(f32, tessera_kernels::winograd::Winograd)> = Vec::new();
+        for &s in &scales {
+            if convs.iter().any(|(t, _)| *t == s) {
+                continue;
+            }
+            let weights = match &delta {
+                Some(d) if s != 0.0 => base.iter().zip(d).map(|(w, d)| w + s * d).collect(),
+                _ => base.clone(),
+            };
+            convs.push((s, tessera_kernels::winograd::Winograd::f4_from_oihw(&weights, bias.clone(), o, c)));
+        }
         let x = x.contiguous()?;
         let out = tessera_kernels::winograd::with_slice(&x, |xs| {
             let mut out = Vec::with_capacity(batch * o * h * w);
-            for item in xs.chunks(c * h * w) {
-                out.extend(tessera_kernels::nchw::conv3x3(&conv, item, h, w, ctx.conv_bytes));
+            for (item, s) in xs.chunks(c * h * w).zip(&scales) {
+                let conv = &convs.iter().find(|(t, _)| t == s).expect("a transform for every scale").1;
+                out.extend(tessera_kernels::nchw::conv3x3(conv, item, h, w, ctx.conv_bytes));
             }
             out
         })?;
@@ -451,6 +478,37 @@ pub fn pad_for_downsample(x: &Tensor, padding: usize) -> candle_core::Result<Ten
 mod tests {
     use super::*;
     use candle_core::Device;
+
+    /// A convolution with a run-time adapter scaled per batch item: the Winograd path (the
+    /// adapter merged per item) equals the im2col path (the adapter beside the layer), in
+    /// both precisions.
+    #[test]
+    fn run_time_adapters_merged_per_item_equal_the_adapter_beside() {
+        let dev = Device::Cpu;
+        let (c, o, r, hw) = (6, 5, 2, 40);
+        let x = Tensor::randn(0f32, 1.0, (3, c, hw, hw), &dev).unwrap();
+        let w = Tensor::randn(0f32, 0.3, (o, c, 3, 3), &dev).unwrap();
+        let lora = Adapter { a: Tensor::randn(0f32, 0.3, (r, c, 3, 3), &dev).unwrap(), b: Tensor::randn(0f32, 0.3, (o, r, 1, 1), &dev).unwrap(), scale: 0.5 };
+        for precision in [Precision::F32, Precision::Bf16] {
+            let conv = Conv2d {
+                w: Matrix::keep(w.clone(), precision).unwrap(),
+                shape: [o, c, 3, 3],
+                b: Some(Tensor::randn(0f32, 1.0, o, &dev).unwrap()),
+                b_host: None,
+                stride: 1,
+                padding: 1,
+                lora: Some(lora.clone()),
+            };
+            let conv = Conv2d { b_host: host_bias(&conv.b, &conv.w).unwrap(), ..conv };
+            let ctx = Ctx { lora: Some(Tensor::new(&[0f32, 1.0, 0.25], &dev).unwrap()), ..Ctx::default() };
+            let winograd = conv.forward(&x, &ctx).unwrap();
+            let beside = conv.forward(&x, &Ctx { winograd: false, ..ctx }).unwrap();
+            // bf16: the im2col path rounds the activations to bf16, Winograd keeps them f32.
+            let tol = if precision == Precision::F32 { 1e-4 } else { 5e-2 };
+            let d = (&winograd - &beside).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+            assert!(d < tol, "{precision:?}: {d}");
+        }
+    }
 
     #[test]
     fn banded_convolutions_equal_the_whole() {
