@@ -102,13 +102,13 @@ impl Bf16Matrix {
     pub fn to_rows(&self) -> Vec<f32> {
         let pairs = padded_pairs(self.k);
         let mut w = vec![0f32; self.n * self.k];
-        for (r, row) in w.chunks_mut(self.k).enumerate() {
+        w.par_chunks_mut(self.k).enumerate().for_each(|(r, row)| {
             let panel = &self.data[(r / NR) * pairs * NR..];
             for (i, v) in row.iter_mut().enumerate() {
                 let word = panel[(i / 2) * NR + r % NR];
                 *v = from_bf16((word >> (16 * (i % 2))) as u16);
             }
-        }
+        });
         w
     }
 }
@@ -233,17 +233,86 @@ impl ConvShape {
     }
 }
 
-/// A convolution of one NCHW image `x` by `w` (`[out, channels · k · k]`: PyTorch's OIHW
-/// flattened) plus `bias`, as products of unfolded rows of pixels (im2col) in bands whose
-/// unfolded input stays within `bytes`. Returns `[out, ho, wo]`.
-pub fn conv2d(x: &[f32], shape: ConvShape, w: &Bf16Matrix, bias: &[f32], bytes: usize) -> Vec<f32> {
-    let ConvShape { channels: c, height: h, width: wd, kernel: k, stride, padding } = shape;
+/// Convolution weights in bf16: `[out][tap][channel]` (taps row by row, channels padded with
+/// zeros to a multiple of 32, one AMX tile row), packed as a [`Bf16Matrix`] over
+/// `k² · padded channels` inputs. Both convolution paths read this layout.
+#[derive(Clone, Debug)]
+pub struct Bf16Conv {
+    out: usize,
+    channels: usize,
+    kernel: usize,
+    padded: usize,
+    matrix: Bf16Matrix,
+}
+
+impl Bf16Conv {
+    /// Packs PyTorch's OIHW weights `[out, channels, k, k]`, rounding each to bf16.
+    pub fn from_oihw(w: &[f32], out: usize, channels: usize, kernel: usize) -> Bf16Conv {
+        let taps = kernel * kernel;
+        assert_eq!(w.len(), out * channels * taps, "{out}×{channels}×{kernel}² weights");
+        let padded = channels.div_ceil(32) * 32;
+        let mut rows = vec![0f32; out * taps * padded];
+        rows.par_chunks_mut(taps * padded).enumerate().for_each(|(o, row)| {
+            for ci in 0..channels {
+                for t in 0..taps {
+                    row[t * padded + ci] = w[(o * channels + ci) * taps + t];
+                }
+            }
+        });
+        Bf16Conv { out, channels, kernel, padded, matrix: Bf16Matrix::from_rows(&rows, out, taps * padded) }
+    }
+
+    /// The weights back in OIHW order as f32 (the bf16 values, exactly).
+    pub fn to_oihw(&self) -> Vec<f32> {
+        let taps = self.kernel * self.kernel;
+        let rows = self.matrix.to_rows();
+        let mut w = vec![0f32; self.out * self.channels * taps];
+        w.par_chunks_mut(self.channels * taps).enumerate().for_each(|(o, out)| {
+            for ci in 0..self.channels {
+                for t in 0..taps {
+                    out[ci * taps + t] = rows[(o * taps + t) * self.padded + ci];
+                }
+            }
+        });
+        w
+    }
+
+    /// Bytes the packed weights take.
+    pub fn bytes(&self) -> usize {
+        self.matrix.bytes()
+    }
+}
+
+/// A convolution of one NCHW image `x` by `w` plus `bias`, in bands of output rows whose
+/// working copies of the input stay within `bytes`. Returns `[out, ho, wo]`.
+///
+/// With AMX the tiles read the input straight from a channels-last bf16 copy of the band
+/// (each tap's 16 output pixels are 16 rows of input pixels, `stride · channels` apart: an
+/// implicit im2col); elsewhere the band is unfolded (im2col) and multiplied.
+pub fn conv2d(x: &[f32], shape: ConvShape, w: &Bf16Conv, bias: &[f32], bytes: usize) -> Vec<f32> {
+    conv2d_with(x, shape, w, bias, bytes, Kernel::best())
+}
+
+/// [`conv2d`] on a kernel the caller picks.
+pub fn conv2d_with(x: &[f32], shape: ConvShape, w: &Bf16Conv, bias: &[f32], bytes: usize, kernel: Kernel) -> Vec<f32> {
+    let ConvShape { channels: c, height: h, width: wd, kernel: k, padding, .. } = shape;
     assert_eq!(x.len(), c * h * wd, "a {c}×{h}×{wd} image");
-    assert_eq!(w.k, c * k * k, "weights of {c}·{k}² inputs");
+    assert!(w.channels == c && w.kernel == k, "weights of {}×{}² for a {c}×{k}² convolution", w.channels, w.kernel);
+    assert_eq!(bias.len(), w.out, "a bias of {}", w.out);
     assert!(h + 2 * padding >= k && wd + 2 * padding >= k, "a {k}×{k} kernel on a {h}×{wd} image");
+    if kernel == Kernel::Amx {
+        assert!(kernel.runs_here(), "AMX does not run on this machine");
+        amx::conv2d(x, shape, w, bias, bytes)
+    } else {
+        im2col_conv(x, shape, w, bias, bytes, kernel)
+    }
+}
+
+fn im2col_conv(x: &[f32], shape: ConvShape, w: &Bf16Conv, bias: &[f32], bytes: usize, kernel: Kernel) -> Vec<f32> {
+    let ConvShape { channels: c, height: h, width: wd, kernel: k, stride, padding } = shape;
     let (ho, wo) = shape.output();
-    let o = w.n;
-    let taps = c * k * k;
+    let o = w.out;
+    let (cp, taps) = (w.padded, k * k * w.padded);
     let rows = (bytes / (4 * taps * wo).max(1)).clamp(1, ho);
     let mut out = vec![0f32; o * ho * wo];
     let mut unfolded = Vec::new();
@@ -255,20 +324,21 @@ pub fn conv2d(x: &[f32], shape: ConvShape, w: &Bf16Matrix, bias: &[f32], bytes: 
         unfolded.par_chunks_mut(wo * taps).enumerate().for_each(|(i, row)| {
             let oy = r0 + i;
             for (ox, px) in row.chunks_mut(taps).enumerate() {
-                for ci in 0..c {
-                    for ky in 0..k {
-                        let iy = (oy * stride + ky) as isize - padding as isize;
-                        for kx in 0..k {
-                            let ix = (ox * stride + kx) as isize - padding as isize;
-                            let inside = iy >= 0 && (iy as usize) < h && ix >= 0 && (ix as usize) < wd;
-                            px[(ci * k + ky) * k + kx] = if inside { x[(ci * h + iy as usize) * wd + ix as usize] } else { 0.0 };
+                for ky in 0..k {
+                    let iy = (oy * stride + ky) as isize - padding as isize;
+                    for kx in 0..k {
+                        let ix = (ox * stride + kx) as isize - padding as isize;
+                        let inside = iy >= 0 && (iy as usize) < h && ix >= 0 && (ix as usize) < wd;
+                        let tap = &mut px[(ky * k + kx) * cp..][..cp];
+                        for (ci, v) in tap.iter_mut().enumerate() {
+                            *v = if inside && ci < c { x[(ci * h + iy as usize) * wd + ix as usize] } else { 0.0 };
                         }
                     }
                 }
             }
         });
         product.resize(pixels * o, 0.0);
-        matmul_into(&unfolded, pixels, w, Some(bias), Kernel::best(), &mut product);
+        matmul_into(&unfolded, pixels, &w.matrix, Some(bias), kernel, &mut product);
         // [pixels, out] → the band of each output channel's plane.
         out.par_chunks_mut(ho * wo).enumerate().for_each(|(j, plane)| {
             for (p, v) in plane[r0 * wo..r1 * wo].iter_mut().enumerate() {
@@ -283,6 +353,13 @@ pub fn conv2d(x: &[f32], shape: ConvShape, w: &Bf16Matrix, bias: &[f32], bytes: 
 struct SharedOut(*mut f32);
 // SAFETY: tasks write disjoint (row block × panel run) tiles; see `block_product`.
 unsafe impl Sync for SharedOut {}
+
+impl SharedOut {
+    /// The pointer (a method, so closures capture the whole `Sync` wrapper, not its field).
+    fn ptr(&self) -> *mut f32 {
+        self.0
+    }
+}
 
 /// Adds rows `rows` of `x · wᵀ`, for the columns of panels `panels`, into the result.
 fn block_product(x: &[f32], k: usize, rows: std::ops::Range<usize>, w: &Bf16Matrix, panels: std::ops::Range<usize>, out: &SharedOut, native: bool) {
@@ -479,17 +556,20 @@ mod tests {
 
     #[test]
     fn convolutions_equal_the_direct_sum_in_any_band() {
-        let (c, h, wd, o) = (3, 9, 7, 5);
+        // Small, then two blocks of channels, a partial second group of 32 pixels, two panels.
+        for (c, h, wd, o) in [(3, 9, 7, 5), (40, 6, 37, 35)] {
         let x = noise(c * h * wd, 21, -1.0, 2.0);
         for (k, stride, padding) in [(3, 1, 1), (3, 2, 0), (1, 1, 0), (3, 2, 1)] {
             let w = noise(o * c * k * k, 22, -1.0, 2.0);
             let bias = noise(o, 23, -1.0, 2.0);
             let shape = ConvShape { channels: c, height: h, width: wd, kernel: k, stride, padding };
             let (ho, wo) = shape.output();
-            let packed = Bf16Matrix::from_rows(&w, o, c * k * k);
+            let packed = Bf16Conv::from_oihw(&w, o, c, k);
+            let back = packed.to_oihw();
+            assert!(w.iter().zip(&back).all(|(a, b)| from_bf16(to_bf16(*a)) == *b), "weights round-trip");
             let r = |v: f32| from_bf16(to_bf16(v)) as f64;
-            for bytes in [1, 500, 1 << 20] {
-                let got = conv2d(&x, shape, &packed, &bias, bytes);
+            for (kernel, bytes) in Kernel::ALL.into_iter().filter(|k| k.runs_here()).flat_map(|k| [(k, 1), (k, 500), (k, 1 << 20)]) {
+                let got = conv2d_with(&x, shape, &packed, &bias, bytes, kernel);
                 for j in 0..o {
                     for oy in 0..ho {
                         for ox in 0..wo {
@@ -505,11 +585,12 @@ mod tests {
                                 }
                             }
                             let got = got[(j * ho + oy) * wo + ox] as f64;
-                            assert!((got - want).abs() < 1e-5, "k {k} s {stride} p {padding} bytes {bytes} [{j},{oy},{ox}]: {got} against {want}");
+                            assert!((got - want).abs() < 1e-5, "{kernel:?} k {k} s {stride} p {padding} bytes {bytes} [{j},{oy},{ox}]: {got} against {want}");
                         }
                     }
                 }
             }
+        }
         }
     }
 
@@ -524,7 +605,9 @@ mod tests {
 /// The AMX path: tiles of 16 rows by 64 bytes, `tdpbf16ps` on four 16 × 16 tiles of sums
 /// (32 rows by one panel's 32 columns) at a time.
 mod amx {
-    use super::{padded_pairs, to_bf16, Bf16Matrix, SharedOut, NR};
+    use rayon::prelude::*;
+
+    use super::{padded_pairs, to_bf16, Bf16Conv, Bf16Matrix, ConvShape, SharedOut, NR};
 
     /// Whether the CPU has AMX-BF16 and the OS lets this process use the tile data (Linux
     /// asks each process to request it: `arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)`).
@@ -552,6 +635,139 @@ mod amx {
                 false
             }
         })
+    }
+
+    /// The direct convolution (see [`super::conv2d`]): per band of output rows, the input
+    /// rows it reads in bf16, channels-last, zero-padded; per output row, 32 pixels by one
+    /// panel's 32 channels at a time, summed over taps and blocks of 32 channels in tiles.
+    pub fn conv2d(x: &[f32], shape: ConvShape, w: &Bf16Conv, bias: &[f32], bytes: usize) -> Vec<f32> {
+        let ConvShape { channels: c, height: h, width: wd, kernel: k, stride: s, padding: pad } = shape;
+        let (ho, wo) = shape.output();
+        let (o, cp) = (w.out, w.padded);
+        let wp = wd + 2 * pad;
+        let pairs = padded_pairs(k * k * cp);
+        let panels = o.div_ceil(NR);
+        // Output rows a band: its input rows' copy within `bytes`.
+        let row_bytes = wp * cp * 2 * s;
+        let band = (bytes / row_bytes.max(1)).clamp(1, ho);
+        let mut out = vec![0f32; o * ho * wo];
+        let shared = SharedOut(out.as_mut_ptr());
+        let mut xp: Vec<u16> = Vec::new();
+        for r0 in (0..ho).step_by(band) {
+            let r1 = (r0 + band).min(ho);
+            // Padded input rows r0·s .. (r1 − 1)·s + k; a tile past the last pixel of a row
+            // reads on into the next (its sums are dropped), so one row and 32 pixels spare.
+            let (y0, y1) = (r0 * s, (r1 - 1) * s + k);
+            let spare = (32 * s + k) * cp;
+            xp.clear();
+            xp.resize((y1 - y0) * wp * cp + spare, 0);
+            xp[..(y1 - y0) * wp * cp].par_chunks_mut(wp * cp).enumerate().for_each(|(i, row)| {
+                let iy = (y0 + i) as isize - pad as isize;
+                if iy < 0 || iy as usize >= h {
+                    return;
+                }
+                for ci in 0..c {
+                    let src = &x[(ci * h + iy as usize) * wd..][..wd];
+                    for (ix, v) in src.iter().enumerate() {
+                        row[(ix + pad) * cp + ci] = to_bf16(*v);
+                    }
+                }
+            });
+            let xp = &xp;
+            (r0..r1).into_par_iter().for_each(|oy| {
+                let config = TileConfig::new();
+                let mut sums = Sums([0f32; ROWS * NR]);
+                // SAFETY: tiles configured here and released below, on this thread only;
+                // AMX is available (conv2d_with checked it).
+                unsafe { std::arch::asm!("ldtilecfg [{}]", in(reg) config.0.as_ptr(), options(nostack, readonly)) };
+                for panel in 0..panels {
+                    let b = w.matrix.data[panel * pairs * NR..].as_ptr();
+                    let cols = NR.min(o - panel * NR);
+                    for ox0 in (0..wo).step_by(ROWS) {
+                        let corner = ((oy * s - y0) * wp + ox0 * s) * cp;
+                        // SAFETY: every tile row read lies in `xp` (its spare covers the last
+                        // pixels' overrun), `b` holds the panel's `pairs` pairs.
+                        unsafe {
+                            std::arch::asm!("tilezero tmm0", "tilezero tmm1", "tilezero tmm2", "tilezero tmm3", options(nostack, nomem));
+                            for ky in 0..k {
+                                for kx in 0..k {
+                                    let tap = ky * k + kx;
+                                    let a = xp.as_ptr().add(corner + (ky * wp + kx) * cp);
+                                    let bt = b.add(tap * (cp / 2) * NR);
+                                    accumulate(a, s * cp * 2, bt, cp / 32);
+                                }
+                            }
+                            store(sums.0.as_mut_ptr(), NR * 4);
+                        }
+                        let valid = ROWS.min(wo - ox0);
+                        for j in 0..cols {
+                            let oc = panel * NR + j;
+                            // SAFETY: rows oy of every channel belong to this task alone.
+                            let dst = unsafe { std::slice::from_raw_parts_mut(shared.ptr().add((oc * ho + oy) * wo + ox0), valid) };
+                            for (p, d) in dst.iter_mut().enumerate() {
+                                *d = sums.0[p * NR + j] + bias[oc];
+                            }
+                        }
+                    }
+                }
+                unsafe { std::arch::asm!("tilerelease", options(nostack, nomem)) };
+            });
+        }
+        out
+    }
+
+    /// Adds `steps` blocks of 32 channels to the four tiles of sums: A rows (output pixels)
+    /// `lda` bytes apart, 16 pixels further for the second tile; `b` the tap's pairs.
+    ///
+    /// # Safety
+    /// Tiles configured, sums in tmm0–3; `a` readable for 32 rows, `b` for 16·steps pairs.
+    #[inline(always)]
+    unsafe fn accumulate(a: *const u16, lda: usize, b: *const u32, steps: usize) {
+        std::arch::asm!(
+            "2:",
+            "tileloadd tmm4, [{a} + {lda}]",
+            "tileloadd tmm5, [{a2} + {lda}]",
+            "tileloadd tmm6, [{b} + {ldb}]",
+            "tileloadd tmm7, [{b1} + {ldb}]",
+            "tdpbf16ps tmm0, tmm4, tmm6",
+            "tdpbf16ps tmm1, tmm4, tmm7",
+            "tdpbf16ps tmm2, tmm5, tmm6",
+            "tdpbf16ps tmm3, tmm5, tmm7",
+            "add {a}, 64",
+            "add {a2}, 64",
+            "add {b}, 2048",
+            "add {b1}, 2048",
+            "dec {steps}",
+            "jnz 2b",
+            a = inout(reg) a => _,
+            a2 = inout(reg) a.byte_add(16 * lda) => _,
+            lda = in(reg) lda,
+            b = inout(reg) b => _,
+            b1 = inout(reg) b.byte_add(64) => _,
+            ldb = in(reg) NR * 4,
+            steps = inout(reg) steps => _,
+            options(nostack),
+        );
+    }
+
+    /// Stores the four tiles of sums as 32 rows of 32 f32, `ldc` bytes apart.
+    ///
+    /// # Safety
+    /// Tiles configured; `c` writable for 32 rows of 32 f32.
+    #[inline(always)]
+    unsafe fn store(c: *mut f32, ldc: usize) {
+        std::arch::asm!(
+            "tilestored [{c} + {ldc}], tmm0",
+            "tilestored [{c1} + {ldc}], tmm1",
+            "tilestored [{c2} + {ldc}], tmm2",
+            "tilestored [{c3} + {ldc}], tmm3",
+            c = in(reg) c,
+            c1 = in(reg) c.byte_add(64),
+            c2 = in(reg) c.byte_add(16 * ldc),
+            c3 = in(reg) c.byte_add(16 * ldc + 64),
+            ldc = in(reg) ldc,
+            options(nostack),
+        );
     }
 
     /// Rows a call of the tile kernel covers (two tiles of 16).
