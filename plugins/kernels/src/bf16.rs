@@ -300,7 +300,9 @@ pub fn conv2d_with(x: &[f32], shape: ConvShape, w: &Bf16Conv, bias: &[f32], byte
     assert!(w.channels == c && w.kernel == k, "weights of {}×{}² for a {c}×{k}² convolution", w.channels, w.kernel);
     assert_eq!(bias.len(), w.out, "a bias of {}", w.out);
     assert!(h + 2 * padding >= k && wd + 2 * padding >= k, "a {k}×{k} kernel on a {h}×{wd} image");
-    if kernel == Kernel::Amx {
+    // Rows narrower than a tile's 32 pixels would leave tile rows idle (three quarters at 8
+    // pixels): their unfolded input is small, and the product fills every tile.
+    if kernel == Kernel::Amx && shape.output().1 >= 32 {
         assert!(kernel.runs_here(), "AMX does not run on this machine");
         amx::conv2d(x, shape, w, bias, bytes)
     } else {
