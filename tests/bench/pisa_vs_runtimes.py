@@ -4,7 +4,7 @@ same weights, machine, thread count and run; seconds and peak memory per stage.
     pip install torch diffusers safetensors openvino numpy   # dev-only (torch: any build; it runs on the CPU)
     cargo build --release -p tessera-pisa --example bench
     python3 tests/bench/pisa_vs_runtimes.py [--work DIR] [--threads 2] [--size 128] [--bf16]
-    python3 tests/bench/pisa_vs_runtimes.py --device cuda [--exe BENCH]   # on a card: Tessera, PyTorch f32 and fp16
+    python3 tests/bench/pisa_vs_runtimes.py --device cuda [--exe BENCH] [--bf16]   # on a card: Tessera (and its bf16), PyTorch f32 and fp16
 
 The UNet and VAE are diffusers' own modules built from SD2.1-base's configs with diffusers'
 random initialisation (seed 0), saved once in diffusers layout (safetensors) with a random
@@ -287,6 +287,8 @@ def main():
         rows = {"Tessera (f32)": run_tessera(args),
                 "PyTorch %s (f32)" % version: run_child(args, "torch-cuda"),
                 "PyTorch %s (fp16)" % version: run_child(args, "torch-cuda-fp16")}
+        if args.bf16:
+            rows["Tessera (bf16)"] = run_tessera(args, bf16=True)
         table(args, rows, "on %s" % torch.cuda.get_device_name(0), "card memory allocated during the job")
         return
     if not os.path.isfile(os.path.join(args.work, "ov", "decoder.xml")):

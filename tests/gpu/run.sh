@@ -84,7 +84,7 @@ grep -iE "cuda|error" "$out/tesserad.log" | head -20
 
 step "pisa at SD2.1-base size on cuda:0, random weights"
 if python3 -c "import torch, diffusers; assert torch.cuda.is_available()" 2>/dev/null; then
-    python3 tests/bench/pisa_vs_runtimes.py --device cuda --exe "$bin/bench" --work /tmp/tessera-pisa-bench 2>&1 | tee "$out/pisa_vs_torch.log" | grep -vE "^\s*(encode|unet|decode) [0-9]" || fail "pisa_vs_runtimes"
+    python3 tests/bench/pisa_vs_runtimes.py --device cuda --bf16 --exe "$bin/bench" --work /tmp/tessera-pisa-bench 2>&1 | tee "$out/pisa_vs_torch.log" | grep -vE "^\s*(encode|unet|decode) [0-9]" || fail "pisa_vs_runtimes"
 else
     echo "(no torch with CUDA and diffusers here: Tessera alone)"
     "$bin/bench" 128 128 --device cuda:0 --warm --json 2>"$out/bench-128.err" | tee "$out/bench-128.log" || fail "bench 128"

@@ -606,6 +606,7 @@ mod tests {
 
 /// The AMX path: tiles of 16 rows by 64 bytes, `tdpbf16ps` on four 16 × 16 tiles of sums
 /// (32 rows by one panel's 32 columns) at a time.
+#[cfg(target_arch = "x86_64")]
 mod amx {
     use rayon::prelude::*;
 
@@ -886,5 +887,23 @@ mod amx {
             steps = inout(reg) steps => _,
             options(nostack),
         );
+    }
+}
+
+/// AMX is x86-64's: elsewhere it is never available, so never called.
+#[cfg(not(target_arch = "x86_64"))]
+mod amx {
+    use super::{Bf16Conv, Bf16Matrix, ConvShape, SharedOut};
+
+    pub fn available() -> bool {
+        false
+    }
+
+    pub fn block_product(_: &[f32], _: usize, _: std::ops::Range<usize>, _: &Bf16Matrix, _: std::ops::Range<usize>, _: &SharedOut) {
+        unreachable!("AMX runs on x86-64 only")
+    }
+
+    pub fn conv2d(_: &[f32], _: ConvShape, _: &Bf16Conv, _: &[f32], _: usize) -> Vec<f32> {
+        unreachable!("AMX runs on x86-64 only")
     }
 }
