@@ -678,11 +678,9 @@ mod amx {
             });
             let xp = &xp;
             (r0..r1).into_par_iter().for_each(|oy| {
-                let config = TileConfig::new();
                 let mut sums = Sums([0f32; ROWS * NR]);
-                // SAFETY: tiles configured here and released below, on this thread only;
-                // AMX is available (conv2d_with checked it).
-                unsafe { std::arch::asm!("ldtilecfg [{}]", in(reg) config.0.as_ptr(), options(nostack, readonly)) };
+                // SAFETY: AMX is available (conv2d_with checked it).
+                let _tiles = unsafe { Tiles::configure() };
                 for panel in 0..panels {
                     let b = w.matrix.data[panel * pairs * NR..].as_ptr();
                     let cols = NR.min(o - panel * NR);
@@ -691,7 +689,7 @@ mod amx {
                         // SAFETY: every tile row read lies in `xp` (its spare covers the last
                         // pixels' overrun), `b` holds the panel's `pairs` pairs.
                         unsafe {
-                            std::arch::asm!("tilezero tmm0", "tilezero tmm1", "tilezero tmm2", "tilezero tmm3", options(nostack, nomem));
+                            zero();
                             for ky in 0..k {
                                 for kx in 0..k {
                                     let tap = ky * k + kx;
@@ -713,19 +711,30 @@ mod amx {
                         }
                     }
                 }
-                unsafe { std::arch::asm!("tilerelease", options(nostack, nomem)) };
             });
         }
         out
     }
 
-    /// Adds `steps` blocks of 32 channels to the four tiles of sums: A rows (output pixels)
-    /// `lda` bytes apart, 16 pixels further for the second tile; `b` the tap's pairs.
+    /// Sets the four tiles of sums (tmm0–3) to zero.
+    ///
+    /// # Safety
+    /// Tiles configured.
+    #[inline(always)]
+    unsafe fn zero() {
+        std::arch::asm!("tilezero tmm0", "tilezero tmm1", "tilezero tmm2", "tilezero tmm3", options(nostack, nomem));
+    }
+
+    /// Adds `steps` blocks of 32 bf16 to the four tiles of sums: the A tiles' rows `lda`
+    /// bytes apart, the second tile 16 rows further; `b` a panel's pairs from where they
+    /// start (128 bytes apart). The tiles keep their sums between calls: the compiler never
+    /// uses AMX registers itself.
     ///
     /// # Safety
     /// Tiles configured, sums in tmm0–3; `a` readable for 32 rows, `b` for 16·steps pairs.
     #[inline(always)]
     unsafe fn accumulate(a: *const u16, lda: usize, b: *const u32, steps: usize) {
+        debug_assert!(steps > 0, "the loop runs at least once");
         std::arch::asm!(
             "2:",
             "tileloadd tmm4, [{a} + {lda}]",
@@ -792,6 +801,27 @@ mod amx {
         }
     }
 
+    /// This thread's tiles, configured (16 rows by 64 bytes each) until dropped. Nothing
+    /// between may make the thread run other AMX code (no rayon calls inside).
+    struct Tiles;
+
+    impl Tiles {
+        /// # Safety
+        /// The CPU and OS run AMX ([`available`]).
+        unsafe fn configure() -> Tiles {
+            let config = TileConfig::new();
+            std::arch::asm!("ldtilecfg [{}]", in(reg) config.0.as_ptr(), options(nostack, readonly));
+            Tiles
+        }
+    }
+
+    impl Drop for Tiles {
+        fn drop(&mut self) {
+            // SAFETY: releases the configuration made in `configure`.
+            unsafe { std::arch::asm!("tilerelease", options(nostack, nomem)) };
+        }
+    }
+
     /// Adds rows `rows` of `x · wᵀ`, for the columns of `panels`, into the result.
     pub fn block_product(x: &[f32], k: usize, rows: std::ops::Range<usize>, w: &Bf16Matrix, panels: std::ops::Range<usize>, out: &SharedOut) {
         let pairs = padded_pairs(k);
@@ -806,14 +836,12 @@ mod amx {
             }
         }
         let n = w.n;
-        let config = TileConfig::new();
         // Sums go to a contiguous buffer, then are added into the result: tile loads and
         // stores with the result's row stride (n · 4 bytes, often a multiple of 4 KiB) map
         // a tile's rows onto a few cache sets and ran at a tenth of the speed.
         let mut sums = Sums([0f32; ROWS * NR]);
-        // SAFETY: this thread uses the tiles only inside this function (configured here,
-        // released below); available() held, or `matmul_with` would not have chosen AMX.
-        unsafe { std::arch::asm!("ldtilecfg [{}]", in(reg) config.0.as_ptr(), options(nostack, readonly)) };
+        // SAFETY: available() held, or `matmul_with` would not have chosen AMX.
+        let _tiles = unsafe { Tiles::configure() };
         for panel in panels {
             let b = w.data[panel * pairs * NR..].as_ptr();
             let cols = NR.min(n - panel * NR);
@@ -822,7 +850,11 @@ mod amx {
                 let valid = ROWS.min(rows.end - r0);
                 // SAFETY: `a` holds the group's 32 rows of kp, `b` the panel's pairs, `sums`
                 // 32 rows of NR.
-                unsafe { tiles(a[g * ROWS * kp..].as_ptr(), kp * 2, b, pairs / 16, sums.0.as_mut_ptr(), NR * 4) };
+                unsafe {
+                    zero();
+                    accumulate(a[g * ROWS * kp..].as_ptr(), kp * 2, b, pairs / 16);
+                    store(sums.0.as_mut_ptr(), NR * 4);
+                }
                 for (r, s) in sums.0.chunks(NR).take(valid).enumerate() {
                     // SAFETY: `out` is the m × n result and only this task writes its rows
                     // `rows` × these panels' columns.
@@ -833,61 +865,11 @@ mod amx {
                 }
             }
         }
-        unsafe { std::arch::asm!("tilerelease", options(nostack, nomem)) };
     }
 
     /// A tile kernel's 32 × 32 sums, on a cache line of their own.
     #[repr(C, align(64))]
     struct Sums([f32; ROWS * NR]);
-
-    /// `c[32 × 32] = a[32 × 32·steps] · b`, `a` bf16 rows `lda` bytes apart, `b` a panel
-    /// (pairs 128 bytes apart), `c` f32 rows `ldc` bytes apart.
-    ///
-    /// # Safety
-    /// Tiles configured by `ldtilecfg` (16 × 64 bytes); `a` holds 32 rows of `32·steps`
-    /// bf16, `b` `16·steps` pairs of its panel, `c` 32 rows of 32 f32.
-    #[inline(always)]
-    unsafe fn tiles(a: *const u16, lda: usize, b: *const u32, steps: usize, c: *mut f32, ldc: usize) {
-        debug_assert!(steps > 0);
-        std::arch::asm!(
-            "tilezero tmm0",
-            "tilezero tmm1",
-            "tilezero tmm2",
-            "tilezero tmm3",
-            "2:",
-            "tileloadd tmm4, [{a} + {lda}]",
-            "tileloadd tmm5, [{a2} + {lda}]",
-            "tileloadd tmm6, [{b} + {ldb}]",
-            "tileloadd tmm7, [{b1} + {ldb}]",
-            "tdpbf16ps tmm0, tmm4, tmm6",
-            "tdpbf16ps tmm1, tmm4, tmm7",
-            "tdpbf16ps tmm2, tmm5, tmm6",
-            "tdpbf16ps tmm3, tmm5, tmm7",
-            "add {a}, 64",
-            "add {a2}, 64",
-            "add {b}, 2048",
-            "add {b1}, 2048",
-            "dec {steps}",
-            "jnz 2b",
-            "tilestored [{c} + {ldc}], tmm0",
-            "tilestored [{c1} + {ldc}], tmm1",
-            "tilestored [{c2} + {ldc}], tmm2",
-            "tilestored [{c3} + {ldc}], tmm3",
-            c = in(reg) c,
-            c1 = in(reg) c.byte_add(64),
-            c2 = in(reg) c.byte_add(16 * ldc),
-            c3 = in(reg) c.byte_add(16 * ldc + 64),
-            ldc = in(reg) ldc,
-            a = inout(reg) a => _,
-            a2 = inout(reg) a.byte_add(16 * lda) => _,
-            lda = in(reg) lda,
-            b = inout(reg) b => _,
-            b1 = inout(reg) b.byte_add(64) => _,
-            ldb = in(reg) NR * 4,
-            steps = inout(reg) steps => _,
-            options(nostack),
-        );
-    }
 }
 
 /// AMX is x86-64's: elsewhere it is never available, so never called.

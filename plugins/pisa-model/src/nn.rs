@@ -286,16 +286,36 @@ impl Conv2d {
             Matrix::Packed(_) => unreachable!("a convolution keeps convolution weights"),
         };
         let y = banded_conv(&as_dtype_of(x, w)?, w, self.padding, self.stride, ctx.conv_bytes)?.to_dtype(x.dtype())?;
-        let mut y = match &self.b {
+        let y = match &self.b {
             Some(b) => y.broadcast_add(&b.reshape((1, (), 1, 1))?)?,
             None => y,
         };
-        if let (Some(ad), Some(scales)) = (&self.lora, &ctx.lora) {
-            let batch = x.dim(0)?;
-            let extra = banded_conv(x, &ad.a, self.padding, self.stride, ctx.conv_bytes)?.conv2d(&ad.b, 0, 1, 1, 1)?;
-            y = (y + extra.broadcast_mul(&(scales * ad.scale)?.reshape((batch, 1, 1, 1))?)?)?;
-        }
-        Ok(y)
+        self.add_adapter_beside(x, y, ctx)
+    }
+
+    /// `y` plus the run-time adapter's rank-r convolution of `x`, scaled per batch item
+    /// (`y` itself without an adapter or scales).
+    fn add_adapter_beside(&self, x: &Tensor, y: Tensor, ctx: &Ctx) -> candle_core::Result<Tensor> {
+        let (Some(ad), Some(scales)) = (&self.lora, &ctx.lora) else { return Ok(y) };
+        let batch = x.dim(0)?;
+        let extra = banded_conv(x, &ad.a, self.padding, self.stride, ctx.conv_bytes)?.conv2d(&ad.b, 0, 1, 1, 1)?;
+        y + extra.broadcast_mul(&(scales * ad.scale)?.reshape((batch, 1, 1, 1))?)?
+    }
+
+    /// Runs `conv` on each batch item of `x` with the weights made for its scale (`convs`,
+    /// one per distinct value of `scales`), giving `[batch, out, ho, wo]`.
+    fn per_item<C>(x: &Tensor, scales: &[f32], convs: &[(f32, C)], out: (usize, usize, usize), conv: impl Fn(&C, &[f32]) -> Vec<f32>) -> candle_core::Result<Tensor> {
+        let (batch, c, h, w) = x.dims4()?;
+        let x = x.contiguous()?;
+        let y = tessera_kernels::winograd::with_slice(&x, |xs| {
+            let mut y = Vec::with_capacity(batch * out.0 * out.1 * out.2);
+            for (item, s) in xs.chunks(c * h * w).zip(scales) {
+                let weights = &convs.iter().find(|(t, _)| t == s).expect("weights for every scale").1;
+                y.extend(conv(weights, item));
+            }
+            y
+        })?;
+        Tensor::from_vec(y, (batch, out.0, out.1, out.2), x.device())
     }
 
     /// Each batch item's scale of the run-time adapter (zeros without one), and the f32 OIHW
@@ -357,22 +377,11 @@ impl Conv2d {
         } else {
             (vec![0.0; batch], vec![(0.0, w.clone())])
         };
-        let x = x.contiguous()?;
-        let out = tessera_kernels::winograd::with_slice(&x, |xs| {
-            let mut out = Vec::with_capacity(batch * o * ho * wo);
-            for (item, s) in xs.chunks(c * h * wd).zip(&scales) {
-                let conv = &convs.iter().find(|(t, _)| t == s).expect("weights for every scale").1;
-                out.extend(bf16::conv2d(item, shape, conv, bias, ctx.conv_bytes));
-            }
-            out
-        })?;
-        let y = Tensor::from_vec(out, (batch, o, ho, wo), x.device())?;
-        match (&self.lora, &ctx.lora) {
-            (Some(ad), Some(scales)) if !merge => {
-                let extra = banded_conv(&x, &ad.a, self.padding, self.stride, ctx.conv_bytes)?.conv2d(&ad.b, 0, 1, 1, 1)?;
-                y + extra.broadcast_mul(&(scales * ad.scale)?.reshape((batch, 1, 1, 1))?)?
-            }
-            _ => Ok(y),
+        let y = Self::per_item(x, &scales, &convs, (o, ho, wo), |conv, item| bf16::conv2d(item, shape, conv, bias, ctx.conv_bytes))?;
+        if merge {
+            Ok(y)
+        } else {
+            self.add_adapter_beside(x, y, ctx)
         }
     }
 }
@@ -401,16 +410,7 @@ impl Conv2d {
         let (scales, sets) = self.item_weights(batch, ctx)?;
         let convs: Vec<(f32, tessera_kernels::winograd::Winograd)> =
             sets.into_iter().map(|(s, weights)| (s, tessera_kernels::winograd::Winograd::f4_from_oihw(&weights, bias.clone(), o, c))).collect();
-        let x = x.contiguous()?;
-        let out = tessera_kernels::winograd::with_slice(&x, |xs| {
-            let mut out = Vec::with_capacity(batch * o * h * w);
-            for (item, s) in xs.chunks(c * h * w).zip(&scales) {
-                let conv = &convs.iter().find(|(t, _)| t == s).expect("a transform for every scale").1;
-                out.extend(tessera_kernels::nchw::conv3x3(conv, item, h, w, ctx.conv_bytes));
-            }
-            out
-        })?;
-        Ok(Some(Tensor::from_vec(out, (batch, o, h, w), x.device())?))
+        Ok(Some(Self::per_item(x, &scales, &convs, (o, h, w), |conv, item| tessera_kernels::nchw::conv3x3(conv, item, h, w, ctx.conv_bytes))?))
     }
 }
 
